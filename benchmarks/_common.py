@@ -1,0 +1,92 @@
+"""Shared benchmark plumbing: an emulator in its own process, timing, and RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+SCRIPT = Path(sys.executable).with_name("breadasync")
+
+
+@dataclass
+class RemoteEmulator:
+    """An emulator running as ``breadasync emulator`` in a child process."""
+
+    url: str
+    api_key: str
+    process: psutil.Process
+
+    def cpu_seconds(self) -> float:
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+
+@contextmanager
+def emulator_process(scenario: dict[str, Any], workdir: Path) -> Iterator[RemoteEmulator]:
+    """Start ``breadasync emulator`` with a scenario; stop it on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "scenario.json"
+    path.write_text(json.dumps(scenario))
+    proc = subprocess.Popen(
+        [str(SCRIPT), "emulator", "--port", "0", "--json", "--scenario", str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        yield RemoteEmulator(info["url"], info["api_key"], psutil.Process(proc.pid))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def machine() -> str:
+    """One line describing where the numbers came from."""
+    return (
+        f"{platform.machine()}, {psutil.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else (
+            "# Benchmark results\n\nWritten by the scripts in this folder; each run replaces its "
+            "own section. Ratios matter more than absolute numbers on these noisy machines.\n"
+        )
+    )
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else (text.rstrip() + "\n\n" + block + "\n")
+    )
+    RESULTS.write_text(text)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
