@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
+from breadasync import BreadClient, PollPolicy, RetryPolicy
 from breadasync.emulator import Emulator
 
 
@@ -76,3 +78,80 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def api(http: aiohttp.ClientSession, bread_emulator: Emulator) -> RawApi:
     return RawApi(http, bread_emulator)
+
+
+# --- client fixtures -----------------------------------------------------------------------
+
+FAST_RETRY = RetryPolicy(max_retries=3, initial_backoff=0.001, max_backoff=0.005)
+"""Retries that take milliseconds, so retry tests do too."""
+FAST_POLL = PollPolicy(initial=0.01, maximum=0.05, minimum=0.005)
+
+ISSUED_KEYS: set[str] = set()
+"""Every API key an emulator of this test run accepted: none may appear in a log record."""
+
+
+@pytest.fixture
+def bread_emulator(
+    request: pytest.FixtureRequest, bread_emulator_factory: Callable[..., Emulator]
+) -> Emulator:
+    """The plugin's fixture, plus bookkeeping of its key for the leak check."""
+    marker = request.node.get_closest_marker("bread_emulator")
+    emulator = bread_emulator_factory(**(marker.kwargs if marker else {}))
+    ISSUED_KEYS.add(emulator.api_key)
+    return emulator
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_api_key_in_any_log_record() -> Iterator[None]:
+    """Capture every log record of the run (breadasync and aiohttp at DEBUG); at the end,
+    none may contain an API key."""
+    capture = _Capture()
+    capture.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("breadasync", "aiohttp")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(capture)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(capture)
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+    leaked = [t for t in capture.texts for key in ISSUED_KEYS if key in t]
+    assert not leaked, f"an API key appeared in {len(leaked)} log record(s): {leaked[0][:200]}"
+
+
+@pytest.fixture
+async def make_client(bread_emulator: Emulator) -> AsyncIterator[Callable[..., BreadClient]]:
+    """``make_client(**kwargs)``: a client of the emulator, fast retries and polls by
+    default; every one is closed after the test."""
+    made: list[BreadClient] = []
+
+    def make(**kwargs: Any) -> BreadClient:
+        kwargs.setdefault("api_key", bread_emulator.api_key)
+        kwargs.setdefault("base_url", bread_emulator.url)
+        kwargs.setdefault("retry", FAST_RETRY)
+        kwargs.setdefault("poll", FAST_POLL)
+        client = BreadClient(**kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+@pytest.fixture
+def client(make_client: Callable[..., BreadClient]) -> BreadClient:
+    """A client of ``bread_emulator`` with fast retries and polls."""
+    return make_client()

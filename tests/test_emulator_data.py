@@ -104,7 +104,7 @@ def test_invalid_plans_are_refused(kwargs: dict[str, object], message: str) -> N
 def test_add_target_refuses_what_the_api_would() -> None:
     emulator = Emulator()
     with pytest.raises(ValueError, match="invalid target name"):
-        emulator.add_target("r", "a/b")
+        emulator.add_target("r", "a\x00b")
     with pytest.raises(ValueError, match="not a multiple"):
         emulator.add_target(
             "r", "t", rows=7, overrides={"model_name": "m", "num_traj_per_stimulus": 2}

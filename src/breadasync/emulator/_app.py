@@ -469,6 +469,7 @@ class Emulator:
                     offset=_int_or_none(query.get("offset")),
                     limit=_int_or_none(query.get("limit")),
                     rows=rows,
+                    peer=_peer(request),
                     started=started,
                     elapsed=time.monotonic() - started,
                 )
@@ -1034,6 +1035,12 @@ class Emulator:
         if "advance" in data:
             self.clock.advance(float(data["advance"]))
         return self._json({"now": self.clock.now(), "speed": self.clock.speed})
+
+
+def _peer(request: web.Request) -> str | None:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if peer else None
 
 
 def _int_or_none(value: str | None) -> int | None:

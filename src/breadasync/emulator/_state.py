@@ -294,15 +294,17 @@ def _validate_generators(loc: list[str | int], value: Any) -> list[dict[str, Any
 
 
 def name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name a repo or target, or ``None`` if it can."""
+    """Why ``name`` cannot name a repo or target, or ``None`` if it can.
+
+    ``/``, ``?``, ``#`` and ``%`` are allowed: clients send names percent-encoded as one
+    path segment, and the emulator must show whether they do.
+    """
     if not name:
         return "must not be empty"
     if name in (".", ".."):
         return f"must not be {name!r}"
     if len(name) > 256:
         return "must be at most 256 characters"
-    if "/" in name or "\\" in name:
-        return "must not contain '/' or '\\'"
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return "must not contain control characters"
     return None

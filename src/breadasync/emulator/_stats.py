@@ -25,6 +25,8 @@ class RequestRecord:
     limit: int | None
     rows: int | None
     """Rows an output page returned."""
+    peer: str | None
+    """The client's address and port: one per connection, so pooling shows."""
     started: float
     """Real monotonic time at which the request arrived."""
     elapsed: float

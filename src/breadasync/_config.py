@@ -1,0 +1,235 @@
+"""Configuration as frozen values, and the one place environment variables are read."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import os
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from yarl import URL
+
+from ._errors import ConfigError
+
+DEFAULT_BASE_URL: Final = "https://bapi.bread.com.ai"
+ENV_API_KEY: Final = "BREAD_API_KEY"
+ENV_BASE_URL: Final = "BREAD_BASE_URL"
+DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+
+
+class _NotGiven(enum.Enum):
+    NOT_GIVEN = enum.auto()
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+    def __bool__(self) -> Literal[False]:
+        return False
+
+
+NOT_GIVEN: Final = _NotGiven.NOT_GIVEN
+"""Sentinel for "use the client's default", distinct from ``None`` (which may mean "none")."""
+NotGiven = Literal[_NotGiven.NOT_GIVEN]
+
+
+def _positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None:
+        if not allow_none:
+            raise ConfigError(f"{name} must be a positive number, not None")
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value > 0
+        or math.isnan(value)
+    ):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long a request may take.
+
+    Attributes:
+        connect: Seconds to open a connection (default 5).
+        read: Seconds to wait for the next bytes of an answer (default 60).
+        request: Seconds for one whole attempt, headers and body (default 120): a drip-fed
+            body resets ``read`` forever, so only this bounds it.
+        total: Seconds for a call across all its retries (default 600; ``None``: no bound).
+    """
+
+    connect: float = 5.0
+    read: float = 60.0
+    request: float = 120.0
+    total: float | None = 600.0
+
+    def __post_init__(self) -> None:
+        _positive("Timeouts.connect", self.connect)
+        _positive("Timeouts.read", self.read)
+        _positive("Timeouts.request", self.request)
+        _positive("Timeouts.total", self.total, allow_none=True)
+
+    @classmethod
+    def of(cls, value: float | Timeouts) -> Timeouts:
+        """A :class:`Timeouts` from a number of seconds (one attempt) or a :class:`Timeouts`."""
+        if isinstance(value, Timeouts):
+            return value
+        _positive("timeout", value)
+        return cls(connect=min(5.0, value), read=value, request=value, total=max(600.0, value))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how long to wait before trying a request again.
+
+    Connection errors, timeouts, 408, 429 and 5xx are retried; 400, 401, 402, 403, 404, 409
+    and 422 never are. The wait before retry ``n`` (from 0) is
+    ``min(max_backoff, initial_backoff * 2**n)``, less up to ``jitter`` of it at random, and
+    never less than the ``Retry-After`` the service sent.
+
+    Attributes:
+        max_retries: Retries after the first attempt (default 5).
+        initial_backoff: Seconds before the first retry (default 0.5).
+        max_backoff: Cap of the exponential part (default 8).
+        jitter: Fraction of the backoff taken off at random, 0..1 (default 0.25).
+        max_retry_after: The longest ``Retry-After`` the client will wait out (default 60);
+            beyond it the error is raised at once.
+    """
+
+    max_retries: int = 5
+    initial_backoff: float = 0.5
+    max_backoff: float = 8.0
+    jitter: float = 0.25
+    max_retry_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise ConfigError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
+        for name in ("initial_backoff", "max_backoff", "max_retry_after"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"RetryPolicy.{name} must be >= 0, got {value!r}")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigError(f"RetryPolicy.jitter must be within 0..1, got {self.jitter!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PollPolicy:
+    """How often to ask a running job for its status.
+
+    The first poll comes after ``initial`` seconds; each next interval is ``factor`` times
+    the last, up to ``maximum`` (the docs recommend 10-30 s for rollouts), or sooner when
+    the job's progress says it will finish sooner; ``jitter`` spreads many pollers apart.
+
+    Attributes:
+        initial: Seconds before the first poll (default 1).
+        maximum: Longest interval (default 30).
+        minimum: Shortest interval (default 0.25).
+        factor: Growth of the interval per poll (default 1.5).
+        jitter: Up to this fraction of an interval added at random (default 0.1).
+    """
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    minimum: float = 0.25
+    factor: float = 1.5
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "maximum", "minimum"):
+            _positive(f"PollPolicy.{name}", getattr(self, name))
+        if self.minimum > self.maximum:
+            raise ConfigError("PollPolicy.minimum must not exceed PollPolicy.maximum")
+        if self.factor < 1:
+            raise ConfigError(f"PollPolicy.factor must be >= 1, got {self.factor!r}")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"PollPolicy.jitter must be within 0..1, got {self.jitter!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How hard one client may push the service; shared by every call and task using it.
+
+    Attributes:
+        max_concurrency: Requests in flight at once (default 64). When the service pushes
+            back (429/503) the effective limit halves and then recovers by one per window
+            of successes, never above this.
+        max_requests_per_second: A steady pace for all requests (default: none).
+        max_body_bytes: The largest answer accepted (default 64 MiB).
+    """
+
+    max_concurrency: int = 64
+    max_requests_per_second: float | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_concurrency, bool)
+            or not isinstance(self.max_concurrency, int)
+            or self.max_concurrency < 1
+        ):
+            raise ConfigError(f"max_concurrency must be an int >= 1, got {self.max_concurrency!r}")
+        if self.max_requests_per_second is not None:
+            _positive("max_requests_per_second", self.max_requests_per_second)
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be an int >= 1024, got {self.max_body_bytes!r}")
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    """The key to use: the argument, else ``BREAD_API_KEY``; a :class:`ConfigError` if none."""
+    key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
+    if key is not None and not isinstance(key, str):
+        raise ConfigError(f"api_key must be a str, got {type(key).__name__}")
+    if key is None or not key.strip():
+        raise ConfigError(
+            f"no API key: pass api_key=... or set the {ENV_API_KEY} environment variable"
+        )
+    key = key.strip()
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in key) or not key.isascii():
+        # Never echo the key itself, not even in this message.
+        raise ConfigError("the API key contains spaces, control or non-ASCII characters")
+    return key
+
+
+def resolve_base_url(base_url: str | None, *, allow_insecure_http: bool) -> URL:
+    """The service's base URL: the argument, else ``BREAD_BASE_URL``, else the public one.
+
+    Plain ``http`` is allowed only to loopback hosts unless ``allow_insecure_http`` is set,
+    since the key travels in a header.
+    """
+    raw = base_url if base_url is not None else os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
+    if not isinstance(raw, str):
+        raise ConfigError(f"base_url must be a str, got {type(raw).__name__}")
+    try:
+        url = URL(raw.strip())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"base_url {raw!r} is not a URL: {exc}") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(
+            f"base_url {raw!r} must be an http(s) URL with a host, like {DEFAULT_BASE_URL}"
+        )
+    if url.user or url.password:
+        raise ConfigError("base_url must not carry credentials; pass api_key instead")
+    if url.query_string or url.fragment:
+        raise ConfigError(f"base_url {raw!r} must not have a query or fragment")
+    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
+        raise ConfigError(
+            f"base_url {raw!r} uses plain http to a host that is not loopback, which would "
+            "send the API key unencrypted; use https, or pass allow_insecure_http=True"
+        )
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,260 @@
+"""Every exception breadasync raises, in one tree::
+
+    BreadError                      anything raised on purpose by breadasync
+    ├── ConfigError                 the client cannot be built as asked (also a ValueError)
+    ├── InvalidArgumentError        a call's arguments are invalid; nothing was sent (ValueError)
+    ├── APIError                    a request went wrong; carries method and path
+    │   ├── APIStatusError          the service answered an error status
+    │   │   ├── BadRequestError             400
+    │   │   ├── AuthenticationError         401
+    │   │   ├── PaymentRequiredError        402
+    │   │   ├── PermissionDeniedError       403
+    │   │   ├── NotFoundError               404
+    │   │   ├── ConflictError               409
+    │   │   ├── UnprocessableEntityError    422
+    │   │   ├── RateLimitError              429
+    │   │   └── InternalServerError         5xx
+    │   ├── APIConnectionError      no answer: refused, reset, dropped mid-body
+    │   │   ├── APITimeoutError     no answer in time
+    │   │   └── ClientClosedError   the client was closed while the request was in flight
+    │   └── ProtocolError           an answer that is not a valid API response
+    │       └── RedirectError       a redirect (never followed: the key must not travel)
+    └── JobError                    a job did not end as the caller needed
+        ├── JobFailedError          it ended ``failed``
+        └── PollTimeoutError        it was still running when the wait ran out
+
+Transport failures (no answer) and server answers (a status) are separate branches, so a
+caller can retry the first and report the second. No exception ever carries the API key:
+texts and bodies are scrubbed of it before they are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._models import JobStatus
+
+
+class BreadError(Exception):
+    """Base of every exception breadasync raises on purpose."""
+
+
+class ConfigError(BreadError, ValueError):
+    """The client cannot be configured as asked: no API key, a bad base URL, a bad limit.
+
+    Raised by :class:`BreadClient` before any request is sent.
+    """
+
+
+class InvalidArgumentError(BreadError, ValueError):
+    """A call's arguments are invalid (an empty name, ``limit=0``...); nothing was sent."""
+
+
+class APIError(BreadError):
+    """A request to the service went wrong.
+
+    Attributes:
+        method: The HTTP method, e.g. ``"GET"``.
+        path: The request path with its query, e.g. ``"/v1/repo/r/targets/t/rollout"``.
+        attempts: How many attempts were made before giving up.
+    """
+
+    def __init__(self, message: str, *, method: str, path: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.method = method
+        self.path = path
+        self.attempts = 1
+
+
+class APIStatusError(APIError):
+    """The service answered with an error status (4xx or 5xx).
+
+    Attributes:
+        status: The HTTP status code.
+        server_message: The service's own message (from ``error``, ``message`` or ``detail``).
+        code: The service's error code when it sends one (``"RESOURCE_NOT_FOUND"``...).
+        body: The raw body (at most a few KB, scrubbed of the API key).
+        headers: The response headers.
+        retry_after: Seconds the service asked to wait, if it said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        method: str,
+        path: str,
+        status: int,
+        server_message: str | None,
+        code: str | None = None,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, method=method, path=path)
+        self.status = status
+        self.server_message = server_message
+        self.code = code
+        self.body = body
+        self.headers: Mapping[str, str] = dict(headers or {})
+        self.retry_after = retry_after
+
+
+class BadRequestError(APIStatusError):
+    """400: the service refused the request, e.g. a rollout whose stim job is not complete
+    or whose target has no ``model_name``. Never retried."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing, unknown or revoked. Never retried."""
+
+
+class PaymentRequiredError(APIStatusError):
+    """402: the account has no credit left. Never retried."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key may not do this (e.g. act for another user without a master key)."""
+
+
+class NotFoundError(APIStatusError):
+    """404: no such repo or target. Never retried."""
+
+
+class ConflictError(APIStatusError):
+    """409: the request conflicts with what exists (targets are immutable). Never retried."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: the service's validation refused a field (``limit`` above 1000, a bad type)."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests. Retried after ``Retry-After``; raised when retries run out
+    or the service asks for a longer wait than the client allows."""
+
+
+class InternalServerError(APIStatusError):
+    """5xx: the service or a proxy in front of it failed. Retried with backoff."""
+
+
+class APIConnectionError(APIError):
+    """No usable answer: the connection was refused, reset, or dropped mid-body.
+
+    Retried with backoff; raised when retries run out.
+    """
+
+
+class APITimeoutError(APIConnectionError):
+    """No complete answer within the request timeout (connect, read or the whole attempt)."""
+
+
+class ClientClosedError(APIConnectionError):
+    """The client was closed (``aclose``) while this request was in flight or before it
+    started."""
+
+
+class ProtocolError(APIError):
+    """The answer is not a valid API response: not JSON, nested absurdly deep, larger than
+    the size limit, or with fields of the wrong type. Not retried.
+
+    Attributes:
+        status: The HTTP status of the answer.
+        excerpt: The first bytes of the body, for a person to read.
+    """
+
+    def __init__(
+        self, message: str, *, method: str, path: str, status: int, excerpt: str = ""
+    ) -> None:
+        super().__init__(message, method=method, path=path)
+        self.status = status
+        self.excerpt = excerpt
+
+
+class RedirectError(ProtocolError):
+    """The service answered with a redirect. It is never followed, so the API key only
+    ever goes to the configured origin.
+
+    Attributes:
+        location: Where the redirect pointed.
+    """
+
+    def __init__(self, message: str, *, method: str, path: str, status: int, location: str) -> None:
+        super().__init__(message, method=method, path=path, status=status)
+        self.location = location
+
+
+class JobError(BreadError):
+    """A job did not end as the caller needed.
+
+    Attributes:
+        repo_name, target_name: Which target.
+        kind: ``"stim"`` or ``"rollout"``.
+        job: The job's last known status.
+    """
+
+    def __init__(
+        self, message: str, *, repo_name: str, target_name: str, kind: str, job: JobStatus
+    ) -> None:
+        super().__init__(message)
+        self.repo_name = repo_name
+        self.target_name = target_name
+        self.kind = kind
+        self.job = job
+
+
+class JobFailedError(JobError):
+    """The job ended ``failed``; ``job.error`` holds the service's reason."""
+
+
+class PollTimeoutError(JobError, TimeoutError):
+    """The job was still running when the caller's wait ran out; ``job`` is its last status.
+    The job itself keeps running on the service."""
+
+
+def status_error_class(status: int) -> type[APIStatusError]:
+    """The exception class for an HTTP error status."""
+    if status >= 500:
+        return InternalServerError
+    return _BY_STATUS.get(status, APIStatusError)
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    402: PaymentRequiredError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def server_message(data: Any) -> tuple[str | None, str | None]:
+    """The service's message and code from an error body in any dialect:
+    ``{"error": ...}`` (docs), ``{"message", "code"}`` (spec) or ``{"detail": [...]}`` (422).
+    """
+    if not isinstance(data, Mapping):
+        return None, None
+    code = data.get("code") if isinstance(data.get("code"), str) else None
+    for key in ("error", "message"):
+        value = data.get(key)
+        if isinstance(value, str):
+            return value, code
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return detail, code
+    if isinstance(detail, list):
+        parts = []
+        for item in detail[:5]:
+            if isinstance(item, Mapping):
+                loc = item.get("loc")
+                where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+                parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+        if parts:
+            return "; ".join(parts), code
+    return None, code

@@ -1,0 +1,63 @@
+"""Adaptive polling: when to ask a running job for its status next."""
+
+from __future__ import annotations
+
+import random
+
+from ._config import PollPolicy
+from ._models import JobStatus
+
+
+class PollSchedule:
+    """The poll intervals of one job.
+
+    Intervals start at ``policy.initial`` and grow by ``policy.factor`` up to
+    ``policy.maximum``. When the job reports progress (``progress_percent``, or ``lines``
+    against ``total_expected``), the rate between two readings gives an estimate of when it
+    will finish, and the next poll comes no later than that, so a job is seen complete soon
+    after it completes without polling a long job often. Jitter spreads many schedules apart.
+    """
+
+    __slots__ = ("_eta", "_interval", "_last", "_rng", "policy", "polls")
+
+    def __init__(self, policy: PollPolicy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.polls = 0
+        self._interval: float | None = None
+        self._last: tuple[float, float] | None = None
+        self._eta: float | None = None
+        self._rng = rng or random.Random()
+
+    def observe(self, status: JobStatus, now: float) -> None:
+        """Record a status read at time ``now`` (seconds, any monotonic clock)."""
+        progress = status.progress
+        if progress is None:
+            self._eta = None
+            return
+        last = self._last
+        if last is not None and progress > last[1] and now > last[0]:
+            rate = (progress - last[1]) / (now - last[0])
+            self._eta = (100.0 - progress) / rate
+        elif last is not None and progress <= last[1]:
+            # No progress since the last reading: the old estimate may still hold, aged.
+            self._eta = None if self._eta is None else max(0.0, self._eta - (now - last[0]))
+        if last is None or progress != last[1]:
+            self._last = (now, progress)
+
+    def next_delay(self) -> float:
+        """Seconds to wait before the next poll."""
+        policy = self.policy
+        if self._interval is None:
+            delay = policy.initial
+        else:
+            delay = min(policy.maximum, self._interval * policy.factor)
+        if self._eta is not None:
+            # Aim just past the estimated finish.
+            delay = min(delay, self._eta * 1.05)
+        delay = min(policy.maximum, max(policy.minimum, delay))
+        self._interval = delay
+        self.polls += 1
+        if policy.jitter:
+            # Only ever later: an early poll before an estimated finish would be wasted.
+            delay *= 1.0 + policy.jitter * self._rng.random()
+        return delay

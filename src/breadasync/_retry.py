@@ -1,0 +1,81 @@
+"""The retry rules: which answers are worth another try, and how long to wait first."""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import time
+from collections.abc import Mapping
+
+from ._config import RetryPolicy
+
+NEVER_RETRIED = frozenset({400, 401, 402, 403, 404, 409, 422})
+"""Permanent answers: retrying cannot change them (409 too: the service uses it for an
+immutable target changed, not for a lock timeout)."""
+
+BACKPRESSURE = frozenset({429, 503})
+"""Answers that mean "slow down": they also shrink the client's concurrency."""
+
+
+def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether an error status is worth another try.
+
+    408, 429 and 5xx are; the permanent statuses in :data:`NEVER_RETRIED` never are. An
+    ``x-should-retry: true|false`` header from the service decides the rest, and may veto a
+    retry of a retryable status.
+    """
+    if status in NEVER_RETRIED:
+        return False
+    hint = headers.get("x-should-retry")
+    if hint == "false":
+        return False
+    if hint == "true":
+        return True
+    return status in (408, 429) or status >= 500
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds the service asks to wait: ``retry-after-ms``, else ``Retry-After`` as seconds
+    (a float is accepted) or as an HTTP date; ``None`` if absent or unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    raw = headers.get("Retry-After") or headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+        return max(0.0, seconds)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def backoff(
+    policy: RetryPolicy, retry: int, retry_after: float | None, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before retry number ``retry`` (0 for the first retry).
+
+    Exponential with jitter, capped at ``max_backoff``; ``retry_after`` is a floor.
+    """
+    base = min(policy.max_backoff, policy.initial_backoff * (2.0 ** min(retry, 60)))
+    draw = (rng or random).random()
+    wait = base * (1.0 - policy.jitter * draw)
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return wait

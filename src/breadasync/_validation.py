@@ -1,0 +1,57 @@
+"""Checks of call arguments, made before anything is sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import InvalidArgumentError
+
+MAX_PAGE_SIZE = 1000
+"""The most rows the service returns per output page."""
+
+
+def check_name(value: Any, what: str) -> str:
+    """``value`` if it can name a repo or target; else an :class:`InvalidArgumentError`.
+
+    Any other character is fine: names travel percent-encoded as one path segment.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{what} must be a str, got {type(value).__name__}")
+    if not value:
+        raise InvalidArgumentError(f"{what} must not be empty")
+    if value in (".", ".."):
+        raise InvalidArgumentError(f"{what} must not be {value!r} (it would change the URL path)")
+    bad = next((c for c in value if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+    if bad is not None:
+        raise InvalidArgumentError(
+            f"{what} {value!r} contains the control character {bad!r}, which no name may hold"
+        )
+    return value
+
+
+def check_limit(value: Any) -> int:
+    """A page size within 1..1000."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"limit must be an int, got {type(value).__name__}")
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise InvalidArgumentError(f"limit must be within 1..{MAX_PAGE_SIZE}, got {value}")
+    return value
+
+
+def check_offset(value: Any) -> int:
+    """An offset >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"offset must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise InvalidArgumentError(f"offset must be >= 0, got {value}")
+    return value
+
+
+def check_user_id(value: Any) -> str | None:
+    """A user override: ``None`` or a non-empty string without control characters."""
+    if value is None:
+        return None
+    user_id = check_name(value, "user_id")
+    if not user_id.isascii():
+        raise InvalidArgumentError(f"user_id {user_id!r} must be ASCII (it travels in a header)")
+    return user_id

@@ -1,0 +1,215 @@
+"""BreadClient's methods against the emulator, over loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from breadasync import (
+    BreadClient,
+    JobFailedError,
+    JobState,
+    PollPolicy,
+    PollTimeoutError,
+)
+from breadasync._errors import JobError
+from breadasync.emulator import Emulator, TargetPlan
+
+frozen = pytest.mark.bread_emulator(speed=0)
+
+
+async def test_targets_create_get_list(client: BreadClient, bread_emulator: Emulator) -> None:
+    created = await client.targets.create(
+        repo_name="my_repo",
+        target_name="coding_target",
+        overrides={"model_name": "Qwen/Qwen3-32B", "num_traj_per_stimulus": 5},
+    )
+    assert created.target_name == "coding_target"
+    assert created.config["num_traj_per_stimulus"] == 5
+    assert created.raw["target_name"] == "coding_target"
+    got = await client.targets.get("coding_target", repo_name="my_repo")
+    assert got.config == created.config
+    listed = await client.targets.list(repo_name="my_repo")
+    assert listed.targets == ["coding_target"]
+    # The create POST carried an Idempotency-Key; a repeat with the same config is fine.
+    again = await client.targets.create(
+        repo_name="my_repo",
+        target_name="coding_target",
+        overrides={"model_name": "Qwen/Qwen3-32B", "num_traj_per_stimulus": 5},
+    )
+    assert again.config == created.config
+    keys = [r.idempotency_key for r in bread_emulator.stats.records() if r.route == "create_target"]
+    assert len(keys) == 2
+    assert all(keys)
+    assert keys[0] != keys[1]
+
+
+@frozen
+async def test_stim_and_rollout_without_polling(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target(
+        "r",
+        "t",
+        stim="not_started",
+        overrides={"model_name": "m", "num_traj_per_stimulus": 2},
+        plan=TargetPlan(stimuli=30),
+    )
+    stim = await client.targets.stim.run("t", repo_name="r", poll=False)
+    assert stim.status is JobState.RUNNING
+    assert not stim.is_terminal
+    bread_emulator.clock.advance(60)
+    stim = await client.targets.stim.get("t", repo_name="r")
+    assert stim.is_complete
+    assert stim.lines == 30
+    stimuli = await client.targets.stim.get_output("t", repo_name="r", limit=10, offset=25)
+    assert [row["stimulus_id"] for row in stimuli.output] == [25, 26, 27, 28, 29]
+
+    rollout = await client.targets.rollout.run("t", repo_name="r", poll=False)
+    assert rollout.status is JobState.RUNNING
+    assert rollout.config["model_name"] == "m"
+    bread_emulator.clock.advance(5)
+    half = await client.targets.rollout.get("t", repo_name="r")
+    assert half.lines == 30
+    assert half.progress == 50.0
+    bread_emulator.clock.advance(60)
+    page = await client.targets.rollout.get_output("t", repo_name="r", limit=1000)
+    assert page.status is JobState.COMPLETE
+    assert page.lines == 60
+    assert page.has_more is False
+    assert page.output == bread_emulator.trajectories("r", "t")
+    assert page.job.is_complete
+
+
+@pytest.mark.bread_emulator(speed=20)
+async def test_rollout_run_polls_to_completion(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "t", plan=TargetPlan(stimuli=40, rollout_seconds=4))
+    status = await client.targets.rollout.run("t", repo_name="r")
+    assert status.is_complete
+    assert status.lines == 40
+    assert bread_emulator.stats.jobs_started("rollout") == 1
+    polls = bread_emulator.stats.count("get_rollout", status=200)
+    assert 1 <= polls <= 40
+
+
+@pytest.mark.bread_emulator(speed=20)
+async def test_stim_run_polls_too(client: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t", stim="not_started", plan=TargetPlan(stim_seconds=2))
+    status = await client.targets.stim.run("t", repo_name="r")
+    assert status.is_complete
+
+
+@pytest.mark.bread_emulator(speed=50)
+async def test_failed_rollout_raises_with_the_reason(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target(
+        "r", "t", plan=TargetPlan(stimuli=100, fail="rollout", fail_at=0.3, rollout_seconds=5)
+    )
+    with pytest.raises(JobFailedError) as caught:
+        await client.targets.rollout.run("t", repo_name="r")
+    error = caught.value
+    assert error.job.is_failed
+    assert error.job.lines == 30
+    assert "simulated failure" in str(error)
+    assert (error.repo_name, error.target_name, error.kind) == ("r", "t", "rollout")
+    status = await client.targets.rollout.wait("t", repo_name="r", raise_on_failure=False)
+    assert status.status is JobState.FAILED
+
+
+@frozen
+async def test_poll_timeout(client: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t", rollout="running")
+    with pytest.raises(PollTimeoutError) as caught:
+        await client.targets.rollout.wait("t", repo_name="r", poll_timeout=0.1)
+    assert caught.value.job.status is JobState.RUNNING
+    assert "keeps running on the service" in str(caught.value)
+    assert isinstance(caught.value, TimeoutError)
+
+
+async def test_wait_on_a_job_never_started(client: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t")
+    with pytest.raises(JobError, match="has not been started"):
+        await client.targets.rollout.wait("t", repo_name="r")
+
+
+@frozen
+async def test_polling_adapts_to_progress(
+    make_client: Callable[..., BreadClient], bread_emulator: Emulator
+) -> None:
+    # Real time: a 1.2 s job watched with a policy whose first interval is 1 s and maximum
+    # 30 s; the progress estimate must bring the last poll to just after the end.
+    bread_emulator.clock.speed = 1
+    bread_emulator.add_target("r", "t", plan=TargetPlan(stimuli=1000, rollout_seconds=1.2))
+    client = make_client(poll=PollPolicy(initial=0.3, maximum=30, minimum=0.05, jitter=0))
+    status = await client.targets.rollout.run("t", repo_name="r")
+    assert status.is_complete
+    polls = [r for r in bread_emulator.stats.records() if r.route == "get_rollout"]
+    started = next(r.started for r in bread_emulator.stats.records() if r.route == "run_rollout")
+    assert len(polls) <= 6
+    assert polls[-1].started - started < 1.2 + 0.6  # seen complete soon after the end
+
+
+async def test_user_id_goes_on_every_request_of_a_call(
+    make_client: Callable[..., BreadClient], bread_emulator: Emulator
+) -> None:
+    bread_emulator.clock.speed = 50
+    bread_emulator.add_target("r", "t", plan=TargetPlan(stimuli=10, rollout_seconds=3))
+    client = make_client(user_id="team-user")
+    await client.targets.rollout.run("t", repo_name="r", user_id="alice")
+    await client.targets.rollout.get_output("t", repo_name="r")
+    await client.targets.get("t", repo_name="r", user_id=None)
+    records = bread_emulator.stats.records()
+    assert len(records) >= 4
+    run_and_polls = [r for r in records if r.route in ("run_rollout", "get_rollout")]
+    assert {r.user_id for r in run_and_polls} == {"alice"}
+    assert [r.user_id for r in records if r.route == "get_rollout_output"] == ["team-user"]
+    assert [r.user_id for r in records if r.route == "get_target"] == [None]
+
+
+@pytest.mark.parametrize("name", ["a/b", "..x", "what?", "hash#tag", "100%", "é 😀", "a b"])
+async def test_awkward_names_travel_as_one_segment(
+    client: BreadClient, bread_emulator: Emulator, name: str
+) -> None:
+    bread_emulator.add_target("repo/with/slashes", name, rows=3, rollout="complete")
+    target = await client.targets.get(name, repo_name="repo/with/slashes")
+    assert target.target_name == name
+    page = await client.targets.rollout.get_output(name, repo_name="repo/with/slashes")
+    assert len(page.output) == 3
+    (record, _) = bread_emulator.stats.records()[-2:]
+    assert (record.repo, record.target) == ("repo/with/slashes", name)
+
+
+async def test_raw_request_escape_hatch(client: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t")
+    data = await client.request("GET", "/v1/repo/r/targets")
+    assert data == {"targets": ["t"]}
+
+
+@pytest.mark.bread_emulator(dialect="spec", speed=0)
+async def test_spec_dialect_parses_too(client: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target(
+        "r",
+        "t",
+        rows=12,
+        overrides={"model_name": "m", "num_traj_per_stimulus": 3},
+        rollout="complete",
+    )
+    status = await client.targets.rollout.get("t", repo_name="r")
+    assert status.total_expected == 12
+    assert status.config["num_traj_per_stimulus"] == 3
+    page = await client.targets.rollout.get_output("t", repo_name="r", limit=4)
+    assert page.total_expected == 12
+    assert page.output[3] == {**page.output[3], "stimulus_id": 1, "trajectory_id": 0}
+
+
+async def test_unknown_states_and_fields_are_kept(client: BreadClient) -> None:
+    from breadasync._models import Origin, parse_job
+
+    status = parse_job({"status": "cancelled", "lines": 3, "shard": 7}, Origin("GET", "/", 200))
+    assert status.status == "cancelled"
+    assert not status.is_terminal
+    assert status.raw["shard"] == 7

@@ -1,0 +1,137 @@
+"""Sessions, pooling, cancellation and closing: nothing leaks, nothing hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from functools import partial
+
+import anyio
+import pytest
+
+from breadasync import BreadClient, BreadError, ClientClosedError, NotFoundError
+from breadasync.emulator import Emulator, Faults
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a condition (bounded): the emulator runs in another thread."""
+    with anyio.fail_after(timeout):
+        # The condition changes in the emulator's thread, which cannot set our Event.
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+
+
+@pytest.fixture
+def target(bread_emulator: Emulator) -> Emulator:
+    bread_emulator.add_target("r", "t", rows=10, rollout="complete")
+    return bread_emulator
+
+
+async def test_one_pool_reuses_connections(client: BreadClient, target: Emulator) -> None:
+    for _ in range(50):
+        await client.targets.rollout.get("t", repo_name="r")
+    peers = {r.peer for r in target.stats.records()}
+    assert len(peers) == 1
+
+
+async def test_concurrent_calls_share_a_bounded_pool(
+    make_client: Callable[..., BreadClient], target: Emulator
+) -> None:
+    target.set_faults(Faults(latency=0.02))
+    client = make_client(max_concurrency=6)
+    for _ in range(3):
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(partial(client.targets.rollout.get, "t", repo_name="r"))
+    assert len({r.peer for r in target.stats.records()}) <= 6
+
+
+async def test_cancelling_calls_releases_their_slots(
+    make_client: Callable[..., BreadClient], target: Emulator
+) -> None:
+    target.set_faults(Faults(latency=30))
+    client = make_client(max_concurrency=4)
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(partial(client.targets.rollout.get, "t", repo_name="r"))
+        await wait_until(lambda: target.stats.in_flight == 4)
+        assert client.stats.in_flight == 4
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - started < 5
+    assert client.stats.in_flight == 0
+    # The server sees the connections go away and stops working on them.
+    await wait_until(lambda: target.stats.in_flight == 0)
+    target.set_faults(None)
+    assert (await client.targets.rollout.get("t", repo_name="r")).is_complete
+
+
+async def test_one_failing_call_in_a_task_group_cancels_the_rest_cleanly(
+    client: BreadClient, target: Emulator
+) -> None:
+    target.set_faults(Faults(latency=30), repo="r", target="t")
+    with pytest.raises(ExceptionGroup) as caught:  # noqa: PT012 (the group is the subject)
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(partial(client.targets.rollout.get, "t", repo_name="r"))
+            await wait_until(lambda: target.stats.in_flight == 5)
+            await client.targets.get("ghost", repo_name="r")
+    assert caught.group_contains(NotFoundError)
+    assert client.stats.in_flight == 0
+
+
+async def test_closing_with_calls_in_flight(
+    make_client: Callable[..., BreadClient], target: Emulator
+) -> None:
+    target.set_faults(Faults(latency=30))
+    client = make_client()
+    outcomes: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await client.targets.rollout.get("t", repo_name="r")
+        except ClientClosedError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(call)
+        await wait_until(lambda: client.stats.in_flight == 5)
+        await client.aclose()
+    assert len(outcomes) == 5
+    assert all("closed" in str(exc) for exc in outcomes)
+    assert client.closed
+    with pytest.raises(ClientClosedError, match="the client is closed; create a new"):
+        await client.targets.rollout.get("t", repo_name="r")
+    await client.aclose()  # twice is harmless
+
+
+async def test_async_with_closes(bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t")
+    async with BreadClient(bread_emulator.api_key, bread_emulator.url) as client:
+        await client.targets.get("t", repo_name="r")
+    assert client.closed
+
+
+async def test_a_client_is_bound_to_one_loop(client: BreadClient, target: Emulator) -> None:
+    await client.targets.get("t", repo_name="r")
+
+    def other_loop() -> None:
+        asyncio.run(client.targets.get("t", repo_name="r"))
+
+    with pytest.raises(BreadError, match="bound to another event loop"):
+        await anyio.to_thread.run_sync(other_loop)
+
+
+def test_a_client_made_outside_any_loop_is_usable_inside_one(bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t")
+    client = BreadClient(bread_emulator.api_key, bread_emulator.url)  # e.g. at import time
+
+    async def use() -> str:
+        try:
+            return (await client.targets.get("t", repo_name="r")).target_name
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(use()) == "t"

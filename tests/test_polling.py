@@ -1,0 +1,103 @@
+"""The adaptive poll schedule, and the pure retry arithmetic, without a clock."""
+
+from __future__ import annotations
+
+import random
+from email.utils import formatdate
+
+import pytest
+
+from breadasync import ConfigError, JobState, JobStatus, PollPolicy, RetryPolicy
+from breadasync._polling import PollSchedule
+from breadasync._retry import backoff, is_retryable_status, parse_retry_after
+
+POLICY = PollPolicy(initial=1, maximum=30, minimum=0.25, factor=1.5, jitter=0)
+
+
+def running(percent: float | None) -> JobStatus:
+    return JobStatus(JobState.RUNNING, progress_percent=percent)
+
+
+def test_intervals_grow_geometrically_to_the_maximum() -> None:
+    schedule = PollSchedule(POLICY)
+    delays = []
+    for _ in range(12):
+        schedule.observe(running(None), 0)
+        delays.append(schedule.next_delay())
+    assert delays[:4] == [1, 1.5, 2.25, 3.375]
+    assert delays[-1] == 30
+    assert schedule.polls == 12
+
+
+def test_progress_brings_the_next_poll_to_the_estimated_finish() -> None:
+    schedule = PollSchedule(PollPolicy(initial=10, maximum=30, jitter=0))
+    schedule.observe(running(0), 0.0)
+    assert schedule.next_delay() == 10
+    schedule.observe(running(80), 8.0)  # 10 %/s: 2 s to go, sooner than the next 15 s
+    assert schedule.next_delay() == pytest.approx(2 * 1.05)
+
+
+def test_stalled_progress_ages_the_estimate() -> None:
+    schedule = PollSchedule(PollPolicy(initial=10, maximum=30, jitter=0))
+    schedule.observe(running(0), 0)
+    schedule.next_delay()
+    schedule.observe(running(50), 10)  # 5 %/s: 10 s to go
+    schedule.observe(running(50), 14)  # no news since: about 6 s to go
+    assert schedule.next_delay() == pytest.approx(6 * 1.05)
+
+
+def test_a_long_job_is_polled_rarely() -> None:
+    schedule = PollSchedule(POLICY)
+    now = 0.0
+    polls = 0
+    while now < 1800:  # a 30-minute rollout, 1/18 % per second
+        schedule.observe(running(now / 18), now)
+        now += schedule.next_delay()
+        polls += 1
+    assert polls < 80  # ~30 s apart once grown, not every second
+
+
+def test_jitter_only_delays() -> None:
+    policy = PollPolicy(initial=1, jitter=0.2)
+    delays = [PollSchedule(policy, random.Random(i)).next_delay() for i in range(200)]
+    assert min(delays) >= 1
+    assert max(delays) <= 1.2
+    assert len(set(delays)) > 100
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"initial": 0}, {"minimum": 40}, {"factor": 0.5}, {"jitter": 1.5}]
+)
+def test_bad_poll_policies(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        PollPolicy(**kwargs)
+
+
+def test_retryable_statuses() -> None:
+    assert all(is_retryable_status(s, {}) for s in (408, 429, 500, 502, 503, 504, 599))
+    assert not any(is_retryable_status(s, {}) for s in (400, 401, 402, 403, 404, 409, 422, 418))
+    assert not is_retryable_status(503, {"x-should-retry": "false"})
+    assert is_retryable_status(418, {"x-should-retry": "true"})
+    assert not is_retryable_status(404, {"x-should-retry": "true"})
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after({"retry-after-ms": "250"}) == 0.25
+    assert parse_retry_after({"Retry-After": "3"}) == 3
+    assert parse_retry_after({"Retry-After": "0.5"}) == 0.5
+    assert parse_retry_after({"retry-after-ms": "nope", "Retry-After": "2"}) == 2
+    assert parse_retry_after({"Retry-After": formatdate(1000.0 + 7, usegmt=True)}, now=1000.0) == 7
+    assert parse_retry_after({"Retry-After": formatdate(900.0, usegmt=True)}, now=1000.0) == 0
+    assert parse_retry_after({"Retry-After": "soon"}) is None
+    assert parse_retry_after({"Retry-After": "-1"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_backoff_is_exponential_capped_jittered_and_floored() -> None:
+    policy = RetryPolicy(initial_backoff=0.5, max_backoff=8, jitter=0.25)
+    rng = random.Random(1)
+    waits = [backoff(policy, n, None, rng) for n in range(8)]
+    for n, wait in enumerate(waits):
+        base = min(8, 0.5 * 2**n)
+        assert base * 0.75 <= wait <= base
+    assert backoff(policy, 0, 5.0, rng) == 5.0
