@@ -337,3 +337,14 @@ def test_the_key_is_in_no_repr_or_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         BreadClient("sk-secret with space", "https://bapi.bread.com.ai")
     assert "sk-secret" not in str(caught.value)
+
+
+async def test_a_key_echoed_by_the_server_is_scrubbed(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "t")
+    bread_emulator.set_faults(Faults(errors={500: 1.0}, echo_request=True))
+    with pytest.raises(InternalServerError) as caught:
+        await client.targets.get("t", repo_name="r")
+    assert "Authorization: Bearer ***" in str(caught.value)
+    assert_no_key(caught.value, bread_emulator.api_key)

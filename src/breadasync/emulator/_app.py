@@ -498,7 +498,7 @@ class Emulator:
             delay = faults.latency + (self._rng.random() * faults.jitter if faults.jitter else 0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            early = self._early_fault(faults, scope)
+            early = self._early_fault(faults, scope, request)
             if early is not None:
                 return early
         denied = self._authenticate(request)
@@ -534,7 +534,7 @@ class Emulator:
         return True
 
     def _early_fault(
-        self, faults: Faults, scope: tuple[str, str] | None
+        self, faults: Faults, scope: tuple[str, str] | None, request: web.Request
     ) -> tuple[web.Response, str] | None:
         with self._lock:
             if faults.redirect_to and self._take_fault(faults, scope):
@@ -551,7 +551,8 @@ class Emulator:
                 for status, rate in faults.errors.items():
                     if draw < rate:
                         if self._take_fault(faults, scope):
-                            return self._injected_error(status, faults), str(status)
+                            error = self._injected_error(status, faults, request)
+                            return error, str(status)
                         break
                     draw -= rate
         return None
@@ -585,8 +586,13 @@ class Emulator:
             return {}
         return {"x-should-retry": "true" if faults.should_retry else "false"}
 
-    def _injected_error(self, status: int, faults: Faults) -> web.Response:
+    def _injected_error(self, status: int, faults: Faults, request: web.Request) -> web.Response:
         headers = self._should_retry(faults)
+        if faults.echo_request:
+            echoed = "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+            return self._error(
+                status, f"Upstream failed for request with headers {echoed}", headers
+            )
         if status in (502, 504):
             body = _HTML_502 if status == 502 else _HTML_504
             return web.Response(body=body, status=status, content_type="text/html", headers=headers)

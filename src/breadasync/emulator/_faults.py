@@ -63,6 +63,9 @@ class Faults:
     corrupt: float = 0.0
     """Fraction of successful responses replaced by a broken body of ``corrupt_kind``."""
     corrupt_kind: CorruptKind = "html"
+    echo_request: bool = False
+    """Injected errors echo the request's headers in their message, as a debugging proxy
+    might (a client must not repeat the key it finds there)."""
     redirect_to: str | None = None
     """Answer every request with a 307 to this origin (the key must not follow it)."""
     routes: frozenset[str] | None = None
