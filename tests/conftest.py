@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import anyio
 import orjson
 import pytest
 
@@ -67,6 +68,20 @@ class RawApi:
 
     async def post(self, path: str, **kwargs: Any) -> Reply:
         return await self.call("POST", path, **kwargs)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a condition, bounded in time: the emulator runs in another thread, whose
+    counters cannot wake an event of ours."""
+    with anyio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+
+
+async def quiet(emulator: Emulator) -> int:
+    """Wait until the emulator has no request in flight; the number it has answered."""
+    await wait_until(lambda: emulator.stats.in_flight == 0)
+    return emulator.stats.count()
 
 
 @pytest.fixture

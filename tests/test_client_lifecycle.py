@@ -12,14 +12,7 @@ import pytest
 
 from breadasync import BreadClient, BreadError, ClientClosedError, NotFoundError
 from breadasync.emulator import Emulator, Faults
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (bounded): the emulator runs in another thread."""
-    with anyio.fail_after(timeout):
-        # The condition changes in the emulator's thread, which cannot set our Event.
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.005)
+from tests.conftest import wait_until
 
 
 @pytest.fixture

@@ -1,0 +1,325 @@
+"""rollout_many, wait_many and as_completed against the emulator (a sped-up clock)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from breadasync import (
+    BadRequestError,
+    BreadClient,
+    InvalidArgumentError,
+    JobError,
+    JobFailedError,
+    NotFoundError,
+    Outcome,
+    PollPolicy,
+    PollTimeoutError,
+    RetryPolicy,
+    RolloutUpdate,
+    TargetRef,
+)
+from breadasync.emulator import Emulator, Faults, TargetPlan
+from tests.conftest import quiet
+
+POLL = PollPolicy(initial=0.02, maximum=0.2, minimum=0.01)
+sped_up = pytest.mark.bread_emulator(speed=100)
+
+
+@pytest.fixture
+def fan_client(make_client: Callable[..., BreadClient]) -> BreadClient:
+    return make_client(
+        poll=POLL, retry=RetryPolicy(max_retries=8, initial_backoff=0.002, max_backoff=0.02)
+    )
+
+
+@sped_up
+async def test_hundreds_of_mixed_targets_each_get_the_right_result(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    emu = bread_emulator
+    expected: dict[str, Outcome] = {}
+    for i in range(240):  # fast and slow: 1..120 emulated seconds, 0.01..1.2 s real
+        emu.add_target(
+            "r", f"ok{i}", plan=TargetPlan(stimuli=5 + i % 7, rollout_seconds=1 + (i * 7) % 120)
+        )
+        expected[f"ok{i}"] = Outcome.COMPLETE
+    for i in range(20):
+        emu.add_target(
+            "r", f"failing{i}", plan=TargetPlan(fail="rollout", stimuli=10, rollout_seconds=20)
+        )
+        expected[f"failing{i}"] = Outcome.FAILED
+    for i in range(15):
+        expected[f"ghost{i}"] = Outcome.ERROR
+    for i in range(15):
+        emu.add_target("r", f"nostim{i}", stim="running", plan=TargetPlan(stim_seconds=10**6))
+        expected[f"nostim{i}"] = Outcome.ERROR
+    for i in range(10):
+        emu.add_target("r", f"nomodel{i}", overrides={"model_name": None})
+        expected[f"nomodel{i}"] = Outcome.ERROR
+    emu.set_faults(
+        Faults(errors={503: 0.05, 502: 0.02, 429: 0.03}, retry_after=0.005, retry_after_format="ms")
+    )
+
+    names = list(expected)
+    results = await fan_client.rollout_many(names, repo_name="r")
+
+    assert [r.target.target_name for r in results] == names
+    got = {r.target.target_name: r.outcome for r in results}
+    assert got == expected
+    by_name = {r.target.target_name: r for r in results}
+    for name, result in by_name.items():
+        if name.startswith("ok"):
+            assert result.status is not None
+            assert result.status.is_complete
+            assert result.lines == emu.job("r", name).lines
+            assert result.error is None
+        elif name.startswith("failing"):
+            assert isinstance(result.error, JobFailedError)
+        elif name.startswith("ghost"):
+            assert isinstance(result.error, NotFoundError)
+        else:
+            assert isinstance(result.error, BadRequestError)
+    summary = results.summary()
+    assert (summary.complete, summary.failed, summary.errored) == (240, 20, 40)
+    assert emu.stats.faults() > 0
+
+    # Requests per target are bounded: one start, a few adaptive polls, a few retries.
+    per_target = Counter(r.target for r in emu.stats.records())
+    assert max(per_target.values()) <= 40
+    polls = sorted(r.polls for r in results)
+    assert polls[len(polls) // 2] <= 20
+    assert emu.stats.jobs_started("rollout") == 260
+
+    # Re-running starts nothing new and reports the current state at once.
+    emu.set_faults(None)
+    emu.stats.reset()
+    again = await fan_client.rollout_many(names, repo_name="r")
+    assert {r.target.target_name: r.outcome for r in again} == expected
+    assert emu.stats.jobs_started() == 0
+    assert emu.stats.count("get_rollout") == 0  # every job was already terminal
+    assert emu.stats.count("run_rollout") == len(names)
+
+
+@sped_up
+async def test_target_forms_mixed_repos_and_duplicates(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r1", "a", rows=3)
+    bread_emulator.add_target("r2", "a", rows=4)
+    bread_emulator.add_target("r1", "b", rows=5)
+    results = await fan_client.rollout_many(
+        ["a", ("r2", "a"), TargetRef("r1", "b"), "a"], repo_name="r1"
+    )
+    assert [str(r.target) for r in results] == ["r1/a", "r2/a", "r1/b", "r1/a"]
+    assert [r.lines for r in results] == [3, 4, 5, 3]
+    assert results[0] is results[3]
+    assert bread_emulator.stats.jobs_started() == 3
+
+
+@pytest.mark.parametrize(
+    ("targets", "repo", "message"),
+    [
+        (["a"], None, "has no repo"),
+        ([("r", "")], None, "target_name must not be empty"),
+        ([("r",)], None, "is not a target"),
+        ([42], "r", "is not a target"),
+        ("abc", "r", "not a single one"),
+        (["a"], "..", "must not be '..'"),
+    ],
+)
+async def test_malformed_targets_send_nothing(
+    fan_client: BreadClient,
+    bread_emulator: Emulator,
+    targets: object,
+    repo: str | None,
+    message: str,
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        await fan_client.rollout_many(targets, repo_name=repo)  # type: ignore[arg-type]
+    assert bread_emulator.stats.count() == 0
+
+
+async def test_bad_fanout_options(fan_client: BreadClient) -> None:
+    with pytest.raises(InvalidArgumentError, match="concurrency"):
+        await fan_client.rollout_many(["a"], repo_name="r", concurrency=0)
+    with pytest.raises(InvalidArgumentError, match="target_timeout"):
+        await fan_client.rollout_many(["a"], repo_name="r", target_timeout=0)
+
+
+async def test_no_targets_no_requests(fan_client: BreadClient, bread_emulator: Emulator) -> None:
+    results = await fan_client.rollout_many([], repo_name="r")
+    assert len(results) == 0
+    assert bread_emulator.stats.count() == 0
+
+
+@pytest.mark.bread_emulator(speed=0)
+async def test_wait_false_only_starts(fan_client: BreadClient, bread_emulator: Emulator) -> None:
+    for name in ("a", "b"):
+        bread_emulator.add_target("r", name, rows=10)
+    results = await fan_client.rollout_many(["a", "b"], repo_name="r", wait=False)
+    assert [r.outcome for r in results] == [Outcome.STARTED, Outcome.STARTED]
+    assert all(r.ok for r in results)
+    assert bread_emulator.stats.count() == 2
+
+    bread_emulator.clock.advance(60)
+    watched = await fan_client.wait_many([("r", "a"), ("r", "b")])
+    assert [r.outcome for r in watched] == [Outcome.COMPLETE, Outcome.COMPLETE]
+    assert bread_emulator.stats.count("run_rollout") == 2  # wait_many starts nothing
+
+
+async def test_wait_many_reports_a_job_never_started(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "idle")
+    (result,) = await fan_client.wait_many(["idle"], repo_name="r")
+    assert result.outcome is Outcome.ERROR
+    assert isinstance(result.error, JobError)
+    assert "has not been started" in str(result.error)
+
+
+@sped_up
+async def test_wait_for_stim_starts_the_rollout_after_the_stim(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target(
+        "r", "late", stim="running", plan=TargetPlan(stim_seconds=20, rollout_seconds=10, stimuli=6)
+    )
+    bread_emulator.add_target("r", "nomodel", overrides={"model_name": None})
+    bread_emulator.add_target("r", "idle", stim="not_started")
+    results = await fan_client.rollout_many(
+        ["late", "nomodel", "idle"], repo_name="r", wait_for_stim=True
+    )
+    late, nomodel, idle = results
+    assert late.outcome is Outcome.COMPLETE
+    assert late.lines == 6
+    assert bread_emulator.stats.count("get_stim", target="late") >= 1
+    # A missing model_name stays a permanent error, and a stim never started is reported.
+    assert nomodel.outcome is Outcome.ERROR
+    assert isinstance(nomodel.error, BadRequestError)
+    assert idle.outcome is Outcome.ERROR
+    assert "stim of r/idle is not started" in str(idle.error)
+
+
+@sped_up
+async def test_as_completed_yields_in_completion_order(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    for name, seconds in (("slow", 60), ("fast", 5), ("middle", 30)):
+        bread_emulator.add_target("r", name, plan=TargetPlan(rollout_seconds=seconds, stimuli=3))
+    async with fan_client.as_completed(["slow", "fast", "middle"], repo_name="r") as results:
+        assert len(results) == 3
+        order = [result.target.target_name async for result in results]
+    assert order == ["fast", "middle", "slow"]
+
+
+@sped_up
+async def test_leaving_as_completed_early_stops_the_watch(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "fast", plan=TargetPlan(rollout_seconds=1, stimuli=3))
+    bread_emulator.add_target("r", "forever", plan=TargetPlan(rollout_seconds=10**6))
+    async with fan_client.as_completed(["fast", "forever"], repo_name="r") as results:
+        async for result in results:
+            assert result.target.target_name == "fast"
+            break
+    assert fan_client.stats.in_flight == 0
+    sent = fan_client.stats.requests
+    await anyio.sleep(0.3)  # no poll may follow the exit: watch a while for one
+    assert fan_client.stats.requests == sent
+
+
+async def test_as_completed_needs_async_with(fan_client: BreadClient) -> None:
+    with pytest.raises(RuntimeError, match="use 'async with"):
+        async for _ in fan_client.as_completed(["a"], repo_name="r"):
+            pass
+
+
+@sped_up
+async def test_target_and_total_timeouts(fan_client: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "quick", plan=TargetPlan(rollout_seconds=1, stimuli=2))
+    bread_emulator.add_target("r", "endless", plan=TargetPlan(rollout_seconds=10**6))
+    started = time.monotonic()
+    quick, endless = await fan_client.rollout_many(
+        ["quick", "endless"], repo_name="r", target_timeout=0.4
+    )
+    assert time.monotonic() - started < 2
+    assert quick.outcome is Outcome.COMPLETE
+    assert endless.outcome is Outcome.TIMEOUT
+    assert isinstance(endless.error, PollTimeoutError)
+    assert "target_timeout=0.4 s" in str(endless.error)
+    assert endless.status is not None
+    assert endless.status.status == "running"
+
+    (again,) = await fan_client.wait_many(["endless"], repo_name="r", total_timeout=0.3)
+    assert again.outcome is Outcome.TIMEOUT
+    assert "total_timeout=0.3 s" in str(again.error)
+    assert fan_client.stats.in_flight == 0
+
+
+@sped_up
+async def test_fail_fast_raises_the_first_failure_and_stops(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    for i in range(20):
+        bread_emulator.add_target("r", f"t{i}", plan=TargetPlan(rollout_seconds=10**6))
+    started = time.monotonic()
+    with pytest.raises(NotFoundError, match="ghost"):
+        await fan_client.rollout_many(
+            [f"t{i}" for i in range(20)] + ["ghost"], repo_name="r", fail_fast=True
+        )
+    assert time.monotonic() - started < 2
+    assert fan_client.stats.in_flight == 0
+
+    results = await fan_client.rollout_many(["t0", "ghost"], repo_name="r", wait=False)
+    with pytest.raises(NotFoundError):
+        results.raise_for_failures()
+    assert [r.target.target_name for r in results.failures()] == ["ghost"]
+
+
+@sped_up
+async def test_progress_updates(fan_client: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "a", plan=TargetPlan(rollout_seconds=30, stimuli=100))
+    updates: list[RolloutUpdate] = []
+    await fan_client.rollout_many(["a"], repo_name="r", on_progress=updates.append)
+    assert len(updates) >= 2
+    assert all(u.result is None for u in updates[:-1])
+    assert updates[-1].result is not None
+    assert updates[-1].result.outcome is Outcome.COMPLETE
+    lines = [u.status.lines for u in updates if u.status is not None]
+    assert lines == sorted(lines)
+    assert lines[-1] == 100
+
+
+@sped_up
+async def test_user_id_on_every_start_and_poll(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    for name in ("a", "b"):
+        bread_emulator.add_target("r", name, plan=TargetPlan(rollout_seconds=20, stimuli=4))
+    await fan_client.rollout_many(["a", "b"], repo_name="r", user_id="alice")
+    records = bread_emulator.stats.records()
+    assert len(records) > 2
+    assert {r.user_id for r in records} == {"alice"}
+
+
+@pytest.mark.bread_emulator(speed=1)
+async def test_concurrency_bound_and_prompt_cancellation(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    for i in range(30):
+        bread_emulator.add_target("r", f"t{i}", plan=TargetPlan(rollout_seconds=10**6))
+    bread_emulator.set_faults(Faults(latency=0.02))
+    with anyio.move_on_after(1.0):
+        await fan_client.rollout_many([f"t{i}" for i in range(30)], repo_name="r", concurrency=5)
+    assert bread_emulator.stats.max_in_flight <= 5
+    assert bread_emulator.stats.jobs_started() == 30
+    assert fan_client.stats.in_flight == 0
+    sent = fan_client.stats.requests
+    await quiet(bread_emulator)
+    await anyio.sleep(0.3)  # after a cancel, no poll may follow: watch a while for one
+    assert fan_client.stats.requests == sent
