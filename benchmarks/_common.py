@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ def emulator_process(scenario: dict[str, Any], workdir: Path) -> Iterator[Remote
         proc.wait(timeout=30)
         if proc.stdout:
             proc.stdout.close()
+
+
+def control(emu: RemoteEmulator, path: str, body: Any = None) -> Any:
+    """Call the emulator's control API (``/_emulator/...``)."""
+    data = None if body is None else json.dumps(body).encode()
+    method = "GET" if data is None else "POST"
+    request = urllib.request.Request(emu.url + path, data=data, method=method)  # noqa: S310
+    with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310 (loopback http)
+        return json.loads(resp.read())
 
 
 def machine() -> str:

@@ -6,7 +6,8 @@ over by adding ``await``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -25,6 +26,15 @@ from ._config import (
     resolve_base_url,
 )
 from ._errors import ConfigError, InvalidArgumentError, JobError, JobFailedError, PollTimeoutError
+from ._fanout import (
+    AsCompleted,
+    Fanout,
+    ProgressCallback,
+    RolloutResults,
+    TargetLike,
+    collect,
+    normalise_targets,
+)
 from ._models import (
     JobState,
     JobStatus,
@@ -38,8 +48,19 @@ from ._models import (
     parse_target_list,
 )
 from ._polling import PollSchedule
-from ._transport import ClientStats, Transport, decode_json, encode_segment
+from ._transport import ClientStats, Response, Transport, decode_json, encode_segment
 from ._validation import check_limit, check_name, check_offset, check_user_id
+from .export._exporter import (
+    BatchStream,
+    Compression,
+    Exporter,
+    ExportOptions,
+    ExportResult,
+    ExportResults,
+    check_target,
+    export_many,
+)
+from .export._store import LocalDestination
 
 _T = TypeVar("_T")
 JobKind = Literal["stim", "rollout"]
@@ -124,6 +145,11 @@ class BreadClient:
         return self._transport.base_url
 
     @property
+    def max_concurrency(self) -> int:
+        """The configured ceiling of requests in flight."""
+        return self._transport.limits.max_concurrency
+
+    @property
     def stats(self) -> ClientStats:
         """Counters of this client: requests, retries, answers by status, throttling, and
         the current (adaptive) concurrency limit."""
@@ -149,6 +175,257 @@ class BreadClient:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    async def rollout_many(
+        self,
+        targets: Iterable[TargetLike],
+        *,
+        repo_name: str | None = None,
+        wait: bool = True,
+        wait_for_stim: bool = False,
+        concurrency: int | None = None,
+        poll_policy: PollPolicy | NotGiven = NOT_GIVEN,
+        target_timeout: float | None = None,
+        total_timeout: float | None = None,
+        fail_fast: bool = False,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+        on_progress: ProgressCallback | None = None,
+    ) -> RolloutResults:
+        """Start the rollouts of many targets and watch them to the end.
+
+        Starting is idempotent: running this again over the same targets starts nothing
+        twice and reports their current state. Polls adapt per target (see
+        :class:`PollPolicy`) and go through one scheduler.
+
+        Args:
+            targets: Names (with ``repo_name``), ``(repo, target)`` pairs or
+                :class:`TargetRef`; repos may be mixed, duplicates share one result.
+            wait: Watch each job to ``complete``/``failed`` (else report it ``STARTED``).
+            wait_for_stim: A target whose stim job is still running is watched until it
+                completes, then its rollout is started; otherwise that is an error.
+            concurrency: Starts and polls in flight at once (default: the client's
+                ``max_concurrency``); the client's own limits apply on top.
+            poll_policy: Poll spacing (default: the client's).
+            target_timeout: Seconds a target may take from its first request.
+            total_timeout: Seconds the whole call may take.
+            fail_fast: Raise the first failure (and stop the rest) instead of recording it.
+            user_id: Act for this user on every request, polls included.
+            on_progress: Called with a :class:`RolloutUpdate` after every status read.
+
+        Returns:
+            One :class:`RolloutResult` per input target, in input order; ``.summary()``
+            counts them.
+
+        Raises:
+            InvalidArgumentError: A target is malformed (nothing is sent).
+        """
+        refs = normalise_targets(targets, repo_name)
+        fanout = Fanout(
+            self,
+            refs,
+            start=True,
+            wait=wait,
+            wait_for_stim=wait_for_stim,
+            concurrency=concurrency,
+            poll_policy=poll_policy,
+            target_timeout=target_timeout,
+            total_timeout=total_timeout,
+            fail_fast=fail_fast,
+            user_id=user_id,
+            on_progress=on_progress,
+        )
+        return await collect(fanout, refs)
+
+    async def wait_many(
+        self,
+        targets: Iterable[TargetLike],
+        *,
+        repo_name: str | None = None,
+        concurrency: int | None = None,
+        poll_policy: PollPolicy | NotGiven = NOT_GIVEN,
+        target_timeout: float | None = None,
+        total_timeout: float | None = None,
+        fail_fast: bool = False,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+        on_progress: ProgressCallback | None = None,
+    ) -> RolloutResults:
+        """Watch rollouts that were already started (a job never started is an error).
+
+        Same arguments and results as :meth:`rollout_many`, without starting anything.
+        """
+        refs = normalise_targets(targets, repo_name)
+        fanout = Fanout(
+            self,
+            refs,
+            start=False,
+            wait=True,
+            wait_for_stim=False,
+            concurrency=concurrency,
+            poll_policy=poll_policy,
+            target_timeout=target_timeout,
+            total_timeout=total_timeout,
+            fail_fast=fail_fast,
+            user_id=user_id,
+            on_progress=on_progress,
+        )
+        return await collect(fanout, refs)
+
+    def as_completed(
+        self,
+        targets: Iterable[TargetLike],
+        *,
+        repo_name: str | None = None,
+        start: bool = True,
+        wait_for_stim: bool = False,
+        concurrency: int | None = None,
+        poll_policy: PollPolicy | NotGiven = NOT_GIVEN,
+        target_timeout: float | None = None,
+        total_timeout: float | None = None,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+        on_progress: ProgressCallback | None = None,
+    ) -> AsCompleted:
+        """Each target's :class:`RolloutResult` the moment it has one::
+
+            async with client.as_completed(targets, repo_name="r") as results:
+                async for result in results:
+                    print(result.target, result.outcome)
+
+        Starts the rollouts first (``start=True``) or only watches them. Leaving the block
+        early cancels whatever is still running. Arguments as in :meth:`rollout_many`.
+        """
+        refs = normalise_targets(targets, repo_name)
+        fanout = Fanout(
+            self,
+            refs,
+            start=start,
+            wait=True,
+            wait_for_stim=wait_for_stim,
+            concurrency=concurrency,
+            poll_policy=poll_policy,
+            target_timeout=target_timeout,
+            total_timeout=total_timeout,
+            fail_fast=False,
+            user_id=user_id,
+            on_progress=on_progress,
+        )
+        return AsCompleted(fanout, len(dict.fromkeys(refs)))
+
+    async def export_rollout(
+        self,
+        target_name: str,
+        *,
+        repo_name: str,
+        dest: str | os.PathLike[str] | LocalDestination,
+        page_size: int = 1000,
+        concurrency: int = 16,
+        rows_per_part: int = 100_000,
+        compression: Compression = "zstd",
+        resume: bool = True,
+        allow_partial: bool = False,
+        window: int | None = None,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+    ) -> ExportResult:
+        """Export a rollout's output to Parquet files in the folder ``dest``.
+
+        Pages are fetched in parallel (``concurrency``), at most ``window`` ahead of the
+        writer, converted to Arrow off the event loop and written as parts of
+        ``rows_per_part`` rows (``part-00000.parquet``...), each to a temporary name,
+        fsynced and renamed when whole. ``_manifest.json``, written last, commits the
+        export. The export holds exactly the job's ``lines`` rows: column ``offset``, the
+        documented fields, and ``extra`` (every other field, as JSON).
+
+        Args:
+            page_size: Rows per page request, 1..1000.
+            resume: Keep the verified parts of an earlier run into ``dest`` (default); if
+                false, replace an earlier export of this target there.
+            allow_partial: Export what a running or failed job has so far.
+            dest: A folder path, or a :class:`~breadasync.export.LocalDestination` (the
+                storage seam).
+
+        Raises:
+            UnfinishedJobError: The job is not complete and ``allow_partial`` is false.
+            ExportMismatchError: ``dest`` holds another export; nothing was changed.
+            ExportLockedError: Another exporter is writing to ``dest``.
+            DestinationError: ``dest`` is a file, not writable, or the disk is full.
+            DataIntegrityError: The pages do not add up to ``lines`` rows.
+            APIError: A request failed after its retries (e.g. :class:`NotFoundError`).
+        """
+        target = check_target(target_name, repo_name)
+        options = ExportOptions(
+            page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
+        )
+        if not isinstance(dest, LocalDestination):
+            dest = os.fspath(dest)
+        return await Exporter(self, options, user_id).export(target, dest)
+
+    async def export_many(
+        self,
+        targets: Iterable[TargetLike],
+        *,
+        dest: str | os.PathLike[str],
+        repo_name: str | None = None,
+        target_concurrency: int = 4,
+        page_size: int = 1000,
+        concurrency: int = 16,
+        rows_per_part: int = 100_000,
+        compression: Compression = "zstd",
+        resume: bool = True,
+        allow_partial: bool = False,
+        window: int | None = None,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+    ) -> ExportResults:
+        """Export many targets into one dataset folder, ``dest/repo=R/target=T/``.
+
+        Names are percent-encoded into the folder names (Hive style, as
+        ``pyarrow.dataset``, DuckDB and polars read them), so no name can leave ``dest`` or
+        collide with another. ``concurrency`` page requests are shared by all targets;
+        ``target_concurrency`` targets export at once. One target's failure is recorded in
+        its result (``error``) and does not stop the others. Other arguments as in
+        :meth:`export_rollout`.
+        """
+        options = ExportOptions(
+            page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
+        )
+        return await export_many(
+            Exporter(self, options, user_id),
+            targets,
+            repo_name,
+            os.fspath(dest),
+            target_concurrency,
+        )
+
+    def iter_rollout_batches(
+        self,
+        target_name: str,
+        *,
+        repo_name: str,
+        page_size: int = 1000,
+        concurrency: int = 16,
+        allow_partial: bool = False,
+        window: int | None = None,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+    ) -> BatchStream:
+        """A rollout's output as ``pyarrow.RecordBatch`` objects, in offset order, without
+        touching disk (the exporter's own pipeline)::
+
+            async for batch in client.iter_rollout_batches("t", repo_name="r"):
+                ...
+
+        Same checks as :meth:`export_rollout`: an unfinished job is refused unless
+        ``allow_partial``; short pages are completed; exactly ``lines`` rows come out.
+        Use ``async with`` around it when you may stop early.
+        """
+        target = check_target(target_name, repo_name)
+        options = ExportOptions(page_size, concurrency, window, allow_partial=allow_partial)
+        return BatchStream(Exporter(self, options, user_id), target)
+
+    async def _get_raw(
+        self, path: str, params: Mapping[str, Any], user_id: str | NotGiven | None
+    ) -> Response:
+        """A GET whose body the caller decodes (the exporter, off the event loop)."""
+        return await self._transport.request(
+            "GET", path, params=params, user_id=self._user(user_id)
+        )
 
     async def request(
         self,

@@ -19,9 +19,16 @@
     │   │   └── ClientClosedError   the client was closed while the request was in flight
     │   └── ProtocolError           an answer that is not a valid API response
     │       └── RedirectError       a redirect (never followed: the key must not travel)
-    └── JobError                    a job did not end as the caller needed
-        ├── JobFailedError          it ended ``failed``
-        └── PollTimeoutError        it was still running when the wait ran out
+    ├── JobError                    a job did not end as the caller needed
+    │   ├── JobFailedError          it ended ``failed``
+    │   └── PollTimeoutError        it was still running when the wait ran out
+    └── ExportError                 an export cannot go on; what is on disk stays consistent
+        ├── UnfinishedJobError      the job is not complete (and no partial export was allowed)
+        ├── DestinationError        the folder cannot be used: a file, no permission, disk full
+        ├── ExportLockedError       another exporter is writing to the same folder
+        ├── ExportMismatchError     the folder holds an export of another target or size
+        └── DataIntegrityError      the service's pages do not add up: a gap, an overlong page,
+                                    ``lines`` changing on a complete job
 
 Transport failures (no answer) and server answers (a status) are separate branches, so a
 caller can retry the first and report the second. No exception ever carries the API key:
@@ -258,3 +265,60 @@ def server_message(data: Any) -> tuple[str | None, str | None]:
         if parts:
             return "; ".join(parts), code
     return None, code
+
+
+class ExportError(BreadError):
+    """An export cannot go on. Parts already written stay whole (or invisible), so the
+    export can be resumed or the folder removed.
+
+    Attributes:
+        dest: The folder of the export, when there is one.
+    """
+
+    def __init__(self, message: str, *, dest: str | None = None) -> None:
+        super().__init__(message)
+        self.dest = dest
+
+
+class UnfinishedJobError(ExportError):
+    """The rollout is not complete (running, pending, failed or not started) and the
+    caller did not allow a partial export."""
+
+
+class DestinationError(ExportError):
+    """The destination cannot be written: it is a file, it is not writable, or the disk
+    is full. The OS error is the ``__cause__``."""
+
+
+class ExportLockedError(ExportError):
+    """Another exporter holds the destination's lock; two exporters never write one folder."""
+
+
+class ExportMismatchError(ExportError):
+    """The destination already holds an export of another target, another number of lines,
+    or another layout; it is left untouched."""
+
+
+class DataIntegrityError(ExportError):
+    """The service's pages do not add up to an exact export: a page longer than asked, no
+    rows where ``lines`` says there are some, ``lines`` changing on a complete job, or a
+    final count that differs from ``lines``."""
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What to raise for a task group that failed: its first :class:`BreadError` (the others
+    are usually the same failure seen by sibling tasks), else the group itself."""
+    for leaf in _leaves(group):
+        if isinstance(leaf, BreadError):
+            return leaf
+    return group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found

@@ -1,0 +1,26 @@
+"""The bulk exporter: rollout output to Parquet, in parallel, exact and resumable.
+
+Use it through the client (``client.export_rollout``, ``client.export_many``,
+``client.iter_rollout_batches``); this package holds the pieces: the schema and its
+lossless row conversion, the export plan, the range reader and the destination seam.
+"""
+
+from ._exporter import ExportOptions, ExportResult, ExportResults, hive_segment
+from ._plan import ExportPlan, Part
+from ._schema import SCHEMA, SCHEMA_VERSION, batch_to_rows, rows_to_batch
+from ._store import LocalDestination, PartRecord
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "ExportOptions",
+    "ExportPlan",
+    "ExportResult",
+    "ExportResults",
+    "LocalDestination",
+    "Part",
+    "PartRecord",
+    "batch_to_rows",
+    "hive_segment",
+    "rows_to_batch",
+]

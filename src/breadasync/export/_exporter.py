@@ -1,0 +1,697 @@
+"""Export a rollout's output to Parquet: plan, fetch in parallel, convert, write, commit.
+
+Guarantees: an export ends with exactly ``lines`` rows, each offset once and in order, or
+fails with an error that says why; a part file that exists under its final name is whole;
+an interrupted export resumes without fetching the parts it already wrote; a folder holding
+another export is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, overload
+from urllib.parse import quote
+
+import anyio
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from breadasync._errors import (
+    BreadError,
+    DataIntegrityError,
+    ExportMismatchError,
+    InvalidArgumentError,
+    UnfinishedJobError,
+    first_error,
+)
+from breadasync._fanout import TargetLike, TargetRef, normalise_targets
+from breadasync._models import JobState, JobStatus
+from breadasync._validation import MAX_PAGE_SIZE, check_name
+from breadasync._version import __version__
+
+from ._plan import ExportPlan, Part
+from ._reader import Page, RangeReader
+from ._schema import SCHEMA, SCHEMA_VERSION
+from ._store import MANIFEST, LocalDestination, PartFile, PartRecord, describe_os_error
+
+if TYPE_CHECKING:
+    from breadasync._client import BreadClient
+    from breadasync._config import NotGiven
+
+Compression = Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"]
+FORMAT = "breadasync-export"
+ROW_GROUP_ROWS = 32_768
+"""Rows buffered before a row group is written: big enough for readers, small enough to
+keep memory flat."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportOptions:
+    """How an export runs.
+
+    Attributes:
+        page_size: Rows asked per page, 1..1000 (default 1000, the most the API gives).
+        concurrency: Page requests in flight (default 16; the client's limits apply too).
+        window: Pages fetched ahead of the writer (default ``2 * concurrency``).
+        rows_per_part: Rows per Parquet file (default 100,000).
+        compression: Parquet compression (default ``"zstd"``).
+        resume: Keep verified parts from an earlier run (default); if false, an earlier
+            export of the same target in the folder is replaced.
+        allow_partial: Export what a running or failed job has so far instead of refusing.
+    """
+
+    page_size: int = MAX_PAGE_SIZE
+    concurrency: int = 16
+    window: int | None = None
+    rows_per_part: int = 100_000
+    compression: Compression = "zstd"
+    resume: bool = True
+    allow_partial: bool = False
+
+    def __post_init__(self) -> None:
+        for name, low, high in (
+            ("page_size", 1, MAX_PAGE_SIZE),
+            ("concurrency", 1, 1024),
+            ("rows_per_part", 1, 100_000_000),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidArgumentError(
+                    f"{name} must be an int within {low}..{high}, got {value!r}"
+                )
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise InvalidArgumentError(f"window must be an int >= 1, got {self.window!r}")
+        if self.compression not in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"):
+            raise InvalidArgumentError(f"unknown compression {self.compression!r}")
+
+    @property
+    def pages_ahead(self) -> int:
+        """The window in pages."""
+        return self.window or 2 * self.concurrency
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What one export did.
+
+    Attributes:
+        target: The target exported.
+        dest: Its folder.
+        rows: Rows in the export (equal to ``lines``).
+        lines: The job's lines when the export began.
+        status: The job's status then.
+        partial: Whether the job was unfinished (``allow_partial``).
+        pages: Page requests made by this run (0 when everything was already on disk).
+        bytes: Bytes of the export's part files.
+        files: The part files, in offset order.
+        parts_written: Parts this run wrote.
+        parts_reused: Parts verified and kept from an earlier run.
+        elapsed: Seconds this run took.
+        retries: Retries the client made during this run (all of its requests).
+        error: For :meth:`BreadClient.export_many`: why this target failed, else ``None``.
+    """
+
+    target: TargetRef
+    dest: str
+    rows: int = 0
+    lines: int = 0
+    status: str = ""
+    partial: bool = False
+    pages: int = 0
+    bytes: int = 0
+    files: list[str] = field(default_factory=list)
+    parts_written: int = 0
+    parts_reused: int = 0
+    elapsed: float = 0.0
+    retries: int = 0
+    error: BreadError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the export completed."""
+        return self.error is None
+
+    @property
+    def manifest(self) -> str:
+        """The manifest's path (the export's commit point)."""
+        return str(Path(self.dest) / MANIFEST)
+
+
+class ExportResults(Sequence[ExportResult]):
+    """One :class:`ExportResult` per target of :meth:`BreadClient.export_many`, in input
+    order."""
+
+    def __init__(self, results: list[ExportResult]) -> None:
+        self._results = results
+
+    @overload
+    def __getitem__(self, index: int) -> ExportResult: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ExportResult]: ...
+    def __getitem__(self, index: int | slice) -> ExportResult | Sequence[ExportResult]:
+        return self._results[index]
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __iter__(self) -> Iterator[ExportResult]:
+        return iter(self._results)
+
+    @property
+    def rows(self) -> int:
+        """Rows exported, all targets together."""
+        return sum(r.rows for r in self._results)
+
+    def failures(self) -> list[ExportResult]:
+        """The targets whose export failed."""
+        return [r for r in self._results if r.error is not None]
+
+    def raise_for_failures(self) -> None:
+        """Raise the first failure's error, if any."""
+        for result in self._results:
+            if result.error is not None:
+                raise result.error
+
+
+def hive_segment(key: str, value: str) -> str:
+    """``key=value`` with ``value`` percent-encoded, so no name can leave its folder or
+    collide with another; names too long for a file name keep a prefix and a hash."""
+    encoded = quote(value, safe="")
+    if len(encoded) > 180:
+        prefix = encoded[:120]
+        cut = prefix.rfind("%", len(prefix) - 2)
+        if cut != -1:
+            prefix = prefix[:cut]
+        encoded = f"{prefix}~{hashlib.sha256(value.encode()).hexdigest()[:16]}"
+    return f"{key}={encoded}"
+
+
+def _identity(plan: ExportPlan) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "schema": SCHEMA_VERSION,
+        "repo": plan.target.repo_name,
+        "target": plan.target.target_name,
+        "lines": plan.lines,
+        "rows_per_part": plan.rows_per_part,
+    }
+
+
+def _same(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return all(found.get(key) == value for key, value in wanted.items())
+
+
+def _describe(found: dict[str, Any]) -> str:
+    return (
+        f"{found.get('repo')}/{found.get('target')} with {found.get('lines', '?'):,} lines "
+        f"in parts of {found.get('rows_per_part', '?'):,} rows"
+        if isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)
+        else "something else"
+    )
+
+
+class _PartWriter:
+    """Writes one part (blocking calls, made from a worker thread)."""
+
+    def __init__(
+        self, store: LocalDestination, plan: ExportPlan, part: Part, compression: Compression
+    ) -> None:
+        self.part = part
+        self.rows = 0
+        self._store = store
+        self._file: PartFile = store.open_part(part.name)
+        meta = {
+            b"breadasync.export": orjson.dumps(
+                {**_identity(plan), "start": part.start, "stop": part.stop}
+            ),
+        }
+        try:
+            self._writer = pq.ParquetWriter(
+                self._file,
+                SCHEMA.with_metadata({**(SCHEMA.metadata or {}), **meta}),
+                compression=None if compression == "none" else compression,
+            )
+        except BaseException:
+            store.discard_part(self._file)
+            raise
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    def add(self, batches: list[pa.RecordBatch]) -> None:
+        for batch in batches:
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            table = pa.Table.from_batches(self._pending, SCHEMA)
+            self._writer.write_table(table, row_group_size=table.num_rows)
+            self.rows += self._pending_rows
+            self._pending, self._pending_rows = [], 0
+
+    @property
+    def done(self) -> bool:
+        return self.rows + self._pending_rows >= self.part.rows
+
+    def commit(self) -> PartRecord:
+        self.flush()
+        if self.rows != self.part.rows:
+            raise DataIntegrityError(
+                f"part {self.part.name} got {self.rows:,} rows instead of {self.part.rows:,}"
+            )
+        self._writer.close()
+        self._store.commit_part(self._file)
+        return PartRecord(
+            self.part.name,
+            self.part.start,
+            self.part.stop,
+            self.rows,
+            self._file.size,
+            self._file.digest(),
+        )
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):  # the part is abandoned anyway
+            self._writer.close()
+        self._store.discard_part(self._file)
+
+
+async def _thread(func: Any, *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(func, *args)
+
+
+def _unfinished(target: TargetRef, job: JobStatus, dest: str) -> UnfinishedJobError:
+    lines = f"{job.lines:,}" if job.lines is not None else "no"
+    if job.status is JobState.FAILED:
+        why = (
+            f"failed ({job.error or 'no reason given'}) after {lines} lines; pass "
+            "allow_partial=True to export the lines it produced"
+        )
+    elif job.status is JobState.NOT_STARTED:
+        why = (
+            "has not been started; start it with client.targets.rollout.run(...) "
+            "(its stim job must be complete first)"
+        )
+    else:
+        why = (
+            f"is {job.status} ({lines} lines so far); wait for it with "
+            "client.targets.rollout.wait(...), or pass allow_partial=True to export the "
+            "lines so far"
+        )
+    return UnfinishedJobError(f"cannot export {target}: its rollout {why}", dest=dest)
+
+
+class Exporter:
+    """Runs exports for one client (the machinery behind ``client.export_*``)."""
+
+    def __init__(
+        self,
+        client: BreadClient,
+        options: ExportOptions,
+        user_id: str | NotGiven | None,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self._client = client
+        self._options = options
+        self._user_id = user_id
+        self._limiter = limiter or anyio.CapacityLimiter(options.concurrency)
+        # Decoding holds the GIL: two threads keep the pipeline full, more only contend.
+        self._decode_limiter = anyio.CapacityLimiter(2)
+
+    async def plan(self, target: TargetRef, dest: str) -> tuple[ExportPlan, JobStatus]:
+        """Read the job's status and plan the export (refusing an unfinished job unless a
+        partial export is allowed)."""
+        job = await self._client.targets.rollout.get(
+            target.target_name, repo_name=target.repo_name, user_id=self._user_id
+        )
+        if job.status is JobState.NOT_STARTED or (
+            not job.is_complete and not self._options.allow_partial
+        ):
+            raise _unfinished(target, job, dest)
+        if job.lines is None:
+            raise DataIntegrityError(
+                f"the status of {target}'s rollout does not say how many lines it has", dest=dest
+            )
+        plan = ExportPlan(
+            target, job.lines, str(job.status), self._options.rows_per_part, self._options.page_size
+        )
+        return plan, job
+
+    def reader(self, plan: ExportPlan) -> RangeReader:
+        """A range reader for ``plan``'s target."""
+        return RangeReader(
+            self._client,
+            plan.target,
+            expected_lines=plan.lines,
+            complete=plan.status == JobState.COMPLETE,
+            limiter=self._limiter,
+            decode_limiter=self._decode_limiter,
+            window=self._options.pages_ahead,
+            user_id=self._user_id,
+        )
+
+    async def export(self, target: TargetRef, dest: str | Path | LocalDestination) -> ExportResult:
+        """Export one target into ``dest``."""
+        started = time.monotonic()
+        retries0 = self._client.stats.retries
+        store = dest if isinstance(dest, LocalDestination) else LocalDestination(dest)
+        shown = str(store.path)
+        plan, job = await self.plan(target, shown)
+        await _thread(store.prepare)
+        lock = store.locked()
+        await _thread(lock.__enter__)
+        try:
+            reused, todo = await _thread(self._reconcile, store, plan)
+            reader = self.reader(plan)
+            try:
+                written = await self._write_parts(store, plan, todo, reader)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+            records = sorted(reused + written, key=lambda r: r.start)
+            rows = sum(r.rows for r in records)
+            if rows != plan.lines:
+                raise DataIntegrityError(
+                    f"the export of {target} holds {rows:,} rows but the job has "
+                    f"{plan.lines:,} lines",
+                    dest=shown,
+                )
+            if todo or not await _thread(self._committed, store, plan):
+                await _thread(self._commit, store, plan, job, records, started)
+        finally:
+            await _thread(lock.__exit__, None, None, None)
+        return ExportResult(
+            target=target,
+            dest=shown,
+            rows=rows,
+            lines=plan.lines,
+            status=plan.status,
+            partial=plan.status != JobState.COMPLETE,
+            pages=reader.requests,
+            bytes=sum(r.bytes for r in records),
+            files=[str(store.path / r.name) for r in records],
+            parts_written=len(written),
+            parts_reused=len(reused),
+            elapsed=time.monotonic() - started,
+            retries=self._client.stats.retries - retries0,
+        )
+
+    def _reconcile(
+        self, store: LocalDestination, plan: ExportPlan
+    ) -> tuple[list[PartRecord], list[Part]]:
+        """Decide which parts on disk to keep; start (or continue) the journal."""
+        wanted = _identity(plan)
+        manifest = store.read_json(MANIFEST)
+        journal = store.read_journal()
+        found: dict[str, Any] | None = None
+        records: list[dict[str, Any]] = []
+        if isinstance(manifest, dict):
+            found = manifest.get("identity") if isinstance(manifest.get("identity"), dict) else {}
+            records = manifest.get("parts") or []
+        elif journal:
+            found, records = journal[0], journal[1:]
+        elif store.part_names():
+            found = {}
+        resume = self._options.resume
+        if found is not None and not _same(found, wanted):
+            same_target = (found.get("repo"), found.get("target")) == (
+                plan.target.repo_name,
+                plan.target.target_name,
+            )
+            if not (same_target and not resume):
+                raise ExportMismatchError(
+                    f"{str(store.path)!r} already holds an export of {_describe(found)}, not "
+                    f"of {plan.target} with {plan.lines:,} lines in parts of "
+                    f"{plan.rows_per_part:,} rows; it was left untouched. Choose another "
+                    "folder" + (", or pass resume=False to replace it" if same_target else ""),
+                    dest=str(store.path),
+                )
+        store.remove_stale()
+        parts = plan.parts
+        keep: list[PartRecord] = []
+        if resume and found is not None and _same(found, wanted):
+            by_name = {p.name: p for p in parts}
+            for entry in records:
+                try:
+                    record = PartRecord(**entry)
+                except TypeError:
+                    continue
+                part = by_name.get(record.name)
+                if part is None or (record.start, record.stop) != (part.start, part.stop):
+                    continue
+                if store.verify_part(record) is None:
+                    keep.append(record)
+        kept = {r.name for r in keep}
+        todo = [p for p in parts if p.name not in kept]
+        if not todo and isinstance(manifest, dict) and found is not None and _same(found, wanted):
+            return keep, todo  # a whole, verified export: leave it exactly as it is
+        # The manifest vouches for a whole export: remove it while parts change, so a
+        # reader never sees it beside a part being rewritten.
+        store.remove(MANIFEST)
+        store.reset_journal({**wanted, "started": datetime.now(UTC).isoformat()})
+        for record in keep:
+            store.append_journal(record.to_dict())
+        for name in store.part_names() - kept - {p.name for p in parts}:
+            store.remove(name)  # parts of an earlier, replaced layout
+        return keep, todo
+
+    @staticmethod
+    def _committed(store: LocalDestination, plan: ExportPlan) -> bool:
+        manifest = store.read_json(MANIFEST)
+        return (
+            isinstance(manifest, dict)
+            and isinstance(manifest.get("identity"), dict)
+            and _same(manifest["identity"], _identity(plan))
+        )
+
+    async def _write_parts(
+        self, store: LocalDestination, plan: ExportPlan, parts: list[Part], reader: RangeReader
+    ) -> list[PartRecord]:
+        pages = [
+            Page(offset, limit, part.index) for part in parts for offset, limit in plan.pages(part)
+        ]
+        by_index = {part.index: part for part in parts}
+        send, receive = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()
+        written: list[PartRecord] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run, pages, send)
+            await self._consume(store, plan, by_index, receive, written)
+        return written
+
+    async def _consume(
+        self,
+        store: LocalDestination,
+        plan: ExportPlan,
+        parts: dict[int, Part],
+        receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]],
+        written: list[PartRecord],
+    ) -> None:
+        writer: _PartWriter | None = None
+        try:
+            async with receive:
+                async for page, batches in receive:
+                    part = parts[page.part]
+                    try:
+                        if writer is None:
+                            writer = await _thread(
+                                _PartWriter, store, plan, part, self._options.compression
+                            )
+                        await _thread(writer.add, batches)
+                        if writer.done:
+                            record = await _thread(writer.commit)
+                            await _thread(store.append_journal, record.to_dict())
+                            written.append(record)
+                            writer = None
+                    except OSError as exc:
+                        raise describe_os_error(exc, "write", store.path / part.name) from exc
+        finally:
+            if writer is not None:
+                with anyio.CancelScope(shield=True):
+                    await _thread(writer.discard)
+
+    def _commit(
+        self,
+        store: LocalDestination,
+        plan: ExportPlan,
+        job: JobStatus,
+        records: list[PartRecord],
+        started: float,
+    ) -> None:
+        manifest = {
+            "identity": _identity(plan),
+            "source": {
+                "base_url": self._client.base_url,
+                "repo": plan.target.repo_name,
+                "target": plan.target.target_name,
+                "kind": "rollout",
+            },
+            "job": {
+                "status": str(job.status),
+                "lines": job.lines,
+                "job_id": job.job_id,
+                "config": dict(job.config),
+            },
+            "partial": plan.status != JobState.COMPLETE,
+            "lines": plan.lines,
+            "rows": sum(r.rows for r in records),
+            "rows_per_part": plan.rows_per_part,
+            "page_size": plan.page_size,
+            "compression": self._options.compression,
+            "parts": [r.to_dict() for r in records],
+            "schema": {
+                "version": SCHEMA_VERSION,
+                "fields": [{"name": f.name, "type": str(f.type)} for f in SCHEMA],
+            },
+            "written": datetime.now(UTC).isoformat(),
+            "elapsed_s": round(time.monotonic() - started, 3),
+            "breadasync": __version__,
+        }
+        store.write_json(MANIFEST, manifest)
+        store.remove("_journal.jsonl")
+
+
+async def export_many(
+    exporter: Exporter,
+    targets: Iterable[TargetLike],
+    repo_name: str | None,
+    dest: str | Path,
+    target_concurrency: int,
+) -> ExportResults:
+    """Export many targets into one Hive-style dataset folder."""
+    refs = normalise_targets(targets, repo_name)
+    if (
+        isinstance(target_concurrency, bool)
+        or not isinstance(target_concurrency, int)
+        or target_concurrency < 1
+    ):
+        raise InvalidArgumentError(
+            f"target_concurrency must be an int >= 1, got {target_concurrency!r}"
+        )
+    root = LocalDestination(dest)
+    await _thread(root.prepare)
+    unique = list(dict.fromkeys(refs))
+    results: dict[TargetRef, ExportResult] = {}
+    slots = anyio.CapacityLimiter(target_concurrency)
+
+    async def one(ref: TargetRef) -> None:
+        folder = (
+            root.path
+            / hive_segment("repo", ref.repo_name)
+            / hive_segment("target", ref.target_name)
+        )
+        async with slots:
+            try:
+                results[ref] = await exporter.export(ref, folder)
+            except BreadError as exc:
+                results[ref] = ExportResult(target=ref, dest=str(folder), error=exc)
+
+    async with anyio.create_task_group() as tg:
+        for ref in unique:
+            tg.start_soon(one, ref)
+    return ExportResults([results[ref] for ref in refs])
+
+
+class BatchStream:
+    """An async iterator of a rollout's rows as ``pyarrow.RecordBatch``, in offset order.
+
+    Iterate it directly, or inside ``async with`` to be sure that leaving early cancels the
+    pages still being fetched::
+
+        async with client.iter_rollout_batches("t", repo_name="r") as batches:
+            async for batch in batches:
+                ...
+    """
+
+    def __init__(self, exporter: Exporter, target: TargetRef) -> None:
+        self._exporter = exporter
+        self._target = target
+        self._receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]] | None = None
+        self._task: Any = None
+        self._queue: list[pa.RecordBatch] = []
+        self.plan: ExportPlan | None = None
+        """The plan (lines, status), once iteration began."""
+
+    async def _start(self) -> None:
+        plan, _ = await self._exporter.plan(self._target, "")
+        self.plan = plan
+        reader = self._exporter.reader(plan)
+        page_size = plan.page_size
+        pages = [
+            Page(offset, min(page_size, plan.lines - offset))
+            for offset in range(0, plan.lines, page_size)
+        ]
+        send, self._receive = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()
+        # A task of its own (not a task group spanning the consumer's awaits): closing the
+        # stream, or dropping it, cancels it.
+        self._task = asyncio.ensure_future(reader.run(pages, send))
+
+    def __aiter__(self) -> BatchStream:
+        return self
+
+    async def __anext__(self) -> pa.RecordBatch:
+        if self._receive is None:
+            await self._start()
+        assert self._receive is not None
+        while not self._queue:
+            try:
+                _, batches = await self._receive.receive()
+            except anyio.EndOfStream:
+                await self._finish()
+                raise StopAsyncIteration from None
+            self._queue.extend(batches)
+        return self._queue.pop(0)
+
+    async def _finish(self) -> None:
+        task, self._task = self._task, None
+        if self._receive is not None:
+            self._receive.close()
+        if task is not None:
+            try:
+                await task  # re-raises what stopped the reader, if anything
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+
+    async def aclose(self) -> None:
+        """Stop fetching and release everything."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with (
+                anyio.CancelScope(shield=True),
+                contextlib.suppress(Exception, asyncio.CancelledError),
+            ):
+                await task  # we cancelled it: only its cleanup matters
+        if self._receive is not None:
+            self._receive.close()
+
+    async def __aenter__(self) -> BatchStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+
+
+def check_target(target_name: str, repo_name: str) -> TargetRef:
+    """A checked :class:`TargetRef`."""
+    return TargetRef(check_name(repo_name, "repo_name"), check_name(target_name, "target_name"))

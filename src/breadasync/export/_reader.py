@@ -1,0 +1,180 @@
+"""The range reader: rows ``start..stop`` of a rollout's output, fetched in parallel pages
+and delivered as Arrow record batches in offset order.
+
+It does not know about files: the Parquet exporter and ``iter_rollout_batches`` both sit on
+it, and a distributed reader could hand it one range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import pyarrow as pa
+from anyio.streams.memory import MemoryObjectSendStream
+
+from breadasync._errors import DataIntegrityError
+from breadasync._fanout import TargetRef
+from breadasync._models import JobState, Origin, parse_page
+from breadasync._transport import decode_json, encode_segment
+
+from ._schema import rows_to_batch
+
+if TYPE_CHECKING:
+    from breadasync._client import BreadClient
+    from breadasync._config import NotGiven
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Rows ``offset..offset+limit-1`` to fetch, and the part they belong to."""
+
+    offset: int
+    limit: int
+    part: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    batch: pa.RecordBatch
+    rows: int
+    lines: int | None
+    status: JobState
+
+
+def _decode(body: bytes, method: str, path: str, status: int, offset: int, limit: int) -> _Decoded:
+    """Decode and convert one page (runs in a worker thread)."""
+    page = parse_page(
+        decode_json(body, method=method, path=path, status=status), Origin(method, path, status)
+    )
+    rows = len(page.output)
+    if rows > limit:
+        raise DataIntegrityError(
+            f"{method} {path}: asked for {limit} rows, got {rows}; the service sent more "
+            "rows than a page may hold"
+        )
+    if page.offset != offset:
+        raise DataIntegrityError(
+            f"{method} {path}: asked for offset {offset}, the page says offset {page.offset}"
+        )
+    return _Decoded(rows_to_batch(page.output, offset), rows, page.lines, page.status)
+
+
+class RangeReader:
+    """Fetches pages of a target's rollout output and delivers their batches in order.
+
+    Args:
+        expected_lines: The ``lines`` the export planned for. On a complete job every page
+            must report exactly this; on a partial export it may only grow.
+        complete: Whether the job was complete when the export began.
+        limiter: Bounds page requests in flight (shared by the targets of one export).
+        decode_limiter: Bounds decoding threads (they hold the GIL: more do not help).
+        window: Pages fetched ahead of the consumer, at most: memory stays flat.
+    """
+
+    def __init__(
+        self,
+        client: BreadClient,
+        target: TargetRef,
+        *,
+        expected_lines: int,
+        complete: bool,
+        limiter: anyio.CapacityLimiter,
+        decode_limiter: anyio.CapacityLimiter,
+        window: int,
+        user_id: str | NotGiven | None,
+    ) -> None:
+        self._client = client
+        self._target = target
+        self._expected = expected_lines
+        self._complete = complete
+        self._limiter = limiter
+        self._decode_limiter = decode_limiter
+        self._window = window
+        self._user_id = user_id
+        self._path = "/".join(
+            (
+                "/v1/repo",
+                encode_segment(target.repo_name),
+                "targets",
+                encode_segment(target.target_name),
+                "rollout",
+                "output",
+            )
+        )
+        self.requests = 0
+        """Page requests made (a short page costs one more)."""
+
+    async def run(
+        self, pages: Sequence[Page], send: MemoryObjectSendStream[tuple[Page, list[pa.RecordBatch]]]
+    ) -> None:
+        """Fetch ``pages`` and send ``(page, batches)`` in their order; closes ``send``."""
+        window = anyio.Semaphore(self._window)
+        ready: dict[int, list[pa.RecordBatch]] = {}
+        events = [anyio.Event() for _ in pages]
+        async with send, anyio.create_task_group() as tg:
+
+            async def fetch(index: int, page: Page) -> None:
+                ready[index] = await self._fetch(page)
+                events[index].set()
+
+            async def deliver() -> None:
+                for index, page in enumerate(pages):
+                    await events[index].wait()
+                    await send.send((page, ready.pop(index)))
+                    window.release()
+
+            tg.start_soon(deliver)
+            for index, page in enumerate(pages):
+                await window.acquire()
+                tg.start_soon(fetch, index, page)
+
+    async def _fetch(self, page: Page) -> list[pa.RecordBatch]:
+        """The rows of one page, following a short page with a fetch of the rest."""
+        batches = []
+        offset, end = page.offset, page.offset + page.limit
+        while offset < end:
+            limit = end - offset
+            async with self._limiter:
+                response = await self._client._get_raw(
+                    self._path, {"limit": limit, "offset": offset}, self._user_id
+                )
+            self.requests += 1
+            decoded = await anyio.to_thread.run_sync(
+                _decode,
+                response.body,
+                response.method,
+                response.path,
+                response.status,
+                offset,
+                limit,
+                limiter=self._decode_limiter,
+            )
+            self._check(decoded, response.path, offset)
+            batches.append(decoded.batch)
+            offset += decoded.rows
+        return batches
+
+    def _check(self, decoded: _Decoded, path: str, offset: int) -> None:
+        lines = decoded.lines
+        if lines is None:
+            raise DataIntegrityError(
+                f"GET {path}: the page does not say how many lines the job has"
+            )
+        if self._complete and (lines != self._expected or decoded.status is not JobState.COMPLETE):
+            raise DataIntegrityError(
+                f"GET {path}: the job was complete with {self._expected:,} lines when the "
+                f"export began, but this page says {decoded.status} with {lines:,} lines; "
+                "a complete job must not change"
+            )
+        if lines < self._expected:
+            raise DataIntegrityError(
+                f"GET {path}: the job's lines fell from {self._expected:,} to {lines:,}"
+            )
+        if decoded.rows == 0:
+            raise DataIntegrityError(
+                f"GET {path}: no rows at offset {offset:,} although the job has "
+                f"{lines:,} lines; the export would have a gap"
+            )

@@ -1,0 +1,297 @@
+"""Where exported parts go: the one seam between the exporter and storage.
+
+:class:`LocalDestination` writes each part to a hidden temporary name, fsyncs it and renames
+it into place, so a part file that exists is whole; a journal records each part's rows and
+SHA-256 as it commits, and the manifest, written last, is the export's commit point. An
+object-store destination (no atomic rename) can implement the same methods: parts under
+final names are only trusted when the journal or the manifest vouches for them.
+
+Every method blocks (file I/O): the exporter calls them through a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+
+from breadasync._errors import DestinationError, ExportLockedError
+
+MANIFEST = "_manifest.json"
+JOURNAL = "_journal.jsonl"
+LOCK = ".lock"
+
+
+@dataclass(frozen=True, slots=True)
+class PartRecord:
+    """A committed part: its file, its rows and the SHA-256 of its bytes."""
+
+    name: str
+    start: int
+    stop: int
+    rows: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+class PartFile:
+    """A part being written: a temporary file that hashes every byte written to it."""
+
+    def __init__(self, final: Path, temp: Path) -> None:
+        self.final = final
+        self.temp = temp
+        self._file = open(temp, "wb")  # noqa: SIM115 (closed by commit or discard)
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    # The file-like interface pyarrow's writer uses.
+    def write(self, data: bytes | memoryview) -> int:
+        """Write and hash ``data``."""
+        self._hash.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        """Bytes written so far."""
+        return self.size
+
+    def flush(self) -> None:
+        """Flush Python's buffer."""
+        self._file.flush()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the file is closed."""
+        return self._file.closed
+
+    def writable(self) -> bool:
+        """Always true."""
+        return True
+
+    def close(self) -> None:
+        """Close the file (pyarrow's writer calls this; commit still needs ``finish``)."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def digest(self) -> str:
+        """The SHA-256 of what was written."""
+        return self._hash.hexdigest()
+
+
+def describe_os_error(exc: OSError, what: str, path: Path) -> DestinationError:
+    """A :class:`DestinationError` that says what could not be done, where, and why."""
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EACCES: "no permission to write there",
+        errno.EPERM: "no permission to write there",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.ENAMETOOLONG: "the path is too long",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return DestinationError(f"cannot {what} {str(path)!r}: {reason}", dest=str(path))
+
+
+class LocalDestination:
+    """A local folder that receives one target's export."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"LocalDestination({str(self.path)!r})"
+
+    def prepare(self) -> None:
+        """Create the folder if needed; refuse a path that is a file or not writable."""
+        try:
+            if self.path.exists() and not self.path.is_dir():
+                raise DestinationError(
+                    f"the destination {str(self.path)!r} is a file, not a folder; choose a "
+                    "folder path (it is created if missing)",
+                    dest=str(self.path),
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise describe_os_error(exc, "create the folder", self.path) from exc
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise DestinationError(
+                f"cannot write to {str(self.path)!r}: no permission to write there",
+                dest=str(self.path),
+            )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock: a second exporter fails at once instead of interleaving.
+
+        The lock is the OS's (``flock``), so a killed exporter never leaves it behind.
+        """
+        lock_path = self.path / LOCK
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise describe_os_error(exc, "write", lock_path) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise ExportLockedError(
+                    f"another export is writing to {str(self.path)!r} (process {holder}); "
+                    "wait for it to finish, or export to another folder",
+                    dest=str(self.path),
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def read_json(self, name: str) -> Any:
+        """The JSON document ``name`` of the folder, or ``None`` if missing or unreadable."""
+        try:
+            return orjson.loads((self.path / name).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write ``name`` atomically (temporary file, fsync, rename)."""
+        final = self.path / name
+        temp = self.path / f".{name}.tmp-{secrets.token_hex(4)}"
+        try:
+            with open(temp, "wb") as file:
+                file.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, final)
+            self._sync_folder()
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise describe_os_error(exc, "write", final) from exc
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` if it exists."""
+        try:
+            (self.path / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise describe_os_error(exc, "remove", self.path / name) from exc
+
+    def read_journal(self) -> list[dict[str, Any]]:
+        """The journal's entries; a torn last line (a crash mid-append) is ignored."""
+        try:
+            raw = (self.path / JOURNAL).read_bytes()
+        except OSError:
+            return []
+        entries = []
+        for line in raw.splitlines():
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                break
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+    def append_journal(self, entry: dict[str, Any]) -> None:
+        """Append one entry to the journal, durably."""
+        path = self.path / JOURNAL
+        try:
+            with open(path, "ab") as file:
+                file.write(orjson.dumps(entry) + b"\n")
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as exc:
+            raise describe_os_error(exc, "write", path) from exc
+
+    def reset_journal(self, header: dict[str, Any]) -> None:
+        """Start a new journal with ``header`` as its first entry."""
+        self.remove(JOURNAL)
+        self.append_journal(header)
+        self._sync_folder()
+
+    def part_names(self) -> set[str]:
+        """The part files present (committed or not vouched for)."""
+        return {p.name for p in self.path.glob("part-*.parquet")}
+
+    def open_part(self, name: str) -> PartFile:
+        """Start writing part ``name`` under a hidden temporary name."""
+        temp = self.path / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            return PartFile(self.path / name, temp)
+        except OSError as exc:
+            raise describe_os_error(exc, "write", temp) from exc
+
+    def commit_part(self, part: PartFile) -> None:
+        """Make a fully written part visible under its final name."""
+        try:
+            part.close()
+            os.replace(part.temp, part.final)
+            self._sync_folder()
+        except OSError as exc:
+            self.discard_part(part)
+            raise describe_os_error(exc, "write", part.final) from exc
+
+    def discard_part(self, part: PartFile) -> None:
+        """Drop an unfinished part."""
+        with contextlib.suppress(OSError):
+            part.close()
+        with contextlib.suppress(OSError):
+            part.temp.unlink(missing_ok=True)
+
+    def remove_stale(self) -> None:
+        """Remove temporary files a killed exporter left behind (the lock is held)."""
+        for stale in self.path.glob(".part-*.parquet.tmp-*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    def verify_part(self, record: PartRecord) -> str | None:
+        """Why the part on disk does not match ``record``, or ``None`` if it does."""
+        path = self.path / record.name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+        if size != record.bytes:
+            return f"{size:,} bytes instead of {record.bytes:,}"
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except Exception as exc:
+            return f"not a readable Parquet file ({type(exc).__name__})"
+        if rows != record.rows:
+            return f"{rows:,} rows in its footer instead of {record.rows:,}"
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            while chunk := file.read(1024 * 1024):
+                digest.update(chunk)
+        if digest.hexdigest() != record.sha256:
+            return "its checksum differs"
+        return None
+
+    def _sync_folder(self) -> None:
+        # A rename is durable only once the folder itself is synced.
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,644 @@
+"""The Parquet exporter against the emulator: exact, fault-tolerant, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import orjson
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from breadasync import (
+    BreadClient,
+    DataIntegrityError,
+    DestinationError,
+    ExportLockedError,
+    ExportMismatchError,
+    InvalidArgumentError,
+    NotFoundError,
+    ProtocolError,
+    RedirectError,
+    RetryPolicy,
+    UnfinishedJobError,
+)
+from breadasync.emulator import Emulator, Faults, TargetPlan
+from breadasync.export import SCHEMA, LocalDestination, batch_to_rows, hive_segment
+from breadasync.export._store import PartFile
+from tests.conftest import wait_until
+
+frozen = pytest.mark.bread_emulator(speed=0)
+ROBUST = RetryPolicy(max_retries=10, initial_backoff=0.002, max_backoff=0.02)
+
+
+@pytest.fixture
+def exporter(make_client: Callable[..., BreadClient]) -> BreadClient:
+    return make_client(retry=ROBUST)
+
+
+def read_rows(folder: Path) -> list[dict[str, object]]:
+    table = pq.read_table(folder)
+    assert table.column("offset").to_pylist() == list(range(table.num_rows))
+    return batch_to_rows(table)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+# --- exactness -----------------------------------------------------------------------------
+
+
+@frozen
+async def test_export_equals_the_service_rows(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=12_345, rollout="complete")
+    result = await exporter.export_rollout(
+        "t", repo_name="r", dest=tmp_path / "out", rows_per_part=5000
+    )
+    assert (result.rows, result.lines, result.status, result.partial) == (
+        12_345,
+        12_345,
+        "complete",
+        False,
+    )
+    assert result.parts_written == 3
+    assert result.pages == 13
+    assert [Path(f).name for f in result.files] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert result.bytes == sum(Path(f).stat().st_size for f in result.files)
+    rows = read_rows(tmp_path / "out")
+    expected = bread_emulator.trajectories("r", "t")
+    assert rows == expected
+    # The awkward rows made it: long, non-ASCII, with fields no document names.
+    assert any(len(str(row["response"])) > 20_000 for row in rows)
+    assert any("🤔" in str(row["response"]) or "🚀" in str(row["response"]) for row in rows)
+    assert {"messages", "reward", "finish_reason"} <= {k for row in rows for k in row}
+    table = pq.read_table(tmp_path / "out")
+    assert table.schema.field("model").type == pa.dictionary(pa.int32(), pa.string())
+    assert table.schema.names == SCHEMA.names
+
+
+@pytest.mark.bread_emulator(speed=0, dialect="spec")
+async def test_spec_dialect_and_values_of_unexpected_types(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target(
+        "r",
+        "t",
+        rows=3000,
+        rollout="complete",
+        overrides={"model_name": "m", "num_traj_per_stimulus": 4},
+        plan=TargetPlan(odd_types=True),
+    )
+    await exporter.export_rollout("t", repo_name="r", dest=tmp_path)
+    table = pq.read_table(tmp_path)
+    rows = batch_to_rows(table)
+    assert rows == bread_emulator.trajectories("r", "t")
+    odd = [i for i, row in enumerate(rows) if isinstance(row["tokens"], str)]
+    assert odd  # kept, as strings, in ``extra``: not dropped, not coerced
+    assert table.column("tokens")[odd[0]].as_py() is None
+    assert '"tokens":' in table.column("extra")[odd[0]].as_py()
+    assert table.column("trajectory_id").to_pylist()[:5] == [0, 1, 2, 3, 0]
+
+
+@frozen
+async def test_manifest_is_written_last_and_describes_the_parts(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=2500, rollout="complete")
+    await exporter.export_rollout("t", repo_name="r", dest=tmp_path, rows_per_part=1000)
+    manifest = orjson.loads((tmp_path / "_manifest.json").read_bytes())
+    assert manifest["lines"] == manifest["rows"] == 2500
+    assert manifest["job"]["status"] == "complete"
+    assert manifest["source"] == {
+        "base_url": bread_emulator.url,
+        "repo": "r",
+        "target": "t",
+        "kind": "rollout",
+    }
+    assert [p["rows"] for p in manifest["parts"]] == [1000, 1000, 500]
+    for part in manifest["parts"]:
+        data = (tmp_path / part["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == part["sha256"]
+        assert len(data) == part["bytes"]
+    assert next(f["name"] for f in manifest["schema"]["fields"]) == "offset"
+    assert manifest["elapsed_s"] >= 0
+    assert not (tmp_path / "_journal.jsonl").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".part-")]
+    assert leftovers == []
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        Faults(latency=0.002, jitter=0.003),
+        Faults(errors={500: 0.2}),
+        Faults(errors={502: 0.2}),
+        Faults(errors={503: 0.2}, retry_after=0.005, retry_after_format="seconds"),
+        Faults(errors={504: 0.1, 408: 0.1}),
+        Faults(rate_limit=400, rate_burst=4),
+        Faults(drop=0.2),
+        Faults(slow_body=4_000_000),
+        Faults(page_cap=250),
+        Faults(page_cap=7),
+        Faults(corrupt=1.0, corrupt_kind="has-more-lies"),
+        Faults(
+            errors={500: 0.1, 503: 0.1, 429: 0.05},
+            drop=0.1,
+            page_cap=250,
+            latency=0.001,
+            jitter=0.002,
+            retry_after=0.002,
+            retry_after_format="ms",
+        ),
+    ],
+    ids=[
+        "latency",
+        "500",
+        "502-html",
+        "503",
+        "504-408",
+        "429-rate",
+        "drop",
+        "slow-body",
+        "cap-250",
+        "cap-7",
+        "has-more-lies",
+        "combined",
+    ],
+)
+@frozen
+async def test_every_fault_still_ends_exact(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path, faults: Faults
+) -> None:
+    bread_emulator.add_target("r", "t", rows=4321, rollout="complete")
+    bread_emulator.set_faults(faults, repo="r", target="t")
+    result = await exporter.export_rollout(
+        "t", repo_name="r", dest=tmp_path, concurrency=8, rows_per_part=2000
+    )
+    assert result.rows == 4321
+    assert read_rows(tmp_path) == bread_emulator.trajectories("r", "t")
+    if faults.page_cap:
+        assert result.pages > 4321 // 1000 + 1  # short pages were followed by the rest
+
+
+@pytest.mark.parametrize(
+    ("faults", "error", "message"),
+    [
+        (Faults(growing_lines=3), DataIntegrityError, "a complete job must not change"),
+        (Faults(corrupt=1.0, corrupt_kind="html"), ProtocolError, "not JSON"),
+        (Faults(corrupt=1.0, corrupt_kind="wrong-types"), ProtocolError, "should be"),
+        (Faults(redirect_to="http://elsewhere.example"), RedirectError, "redirected"),
+    ],
+)
+@frozen
+async def test_faults_that_must_stop_the_export(
+    exporter: BreadClient,
+    bread_emulator: Emulator,
+    tmp_path: Path,
+    faults: Faults,
+    error: type[Exception],
+    message: str,
+) -> None:
+    bread_emulator.add_target("r", "t", rows=3000, rollout="complete")
+    bread_emulator.set_faults(faults, repo="r", target="t")
+    with pytest.raises(error, match=message):
+        await exporter.export_rollout("t", repo_name="r", dest=tmp_path)
+    assert not (tmp_path / "_manifest.json").exists()
+    assert not list(tmp_path.glob(".part-*"))  # no half-written part left behind
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+@frozen
+async def test_resume_skips_good_parts_and_refetches_bad_ones(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=5000, rollout="complete")
+    await exporter.export_rollout("t", repo_name="r", dest=tmp_path, rows_per_part=1000)
+    before = digests(tmp_path)
+
+    bread_emulator.stats.reset()
+    again = await exporter.export_rollout("t", repo_name="r", dest=tmp_path, rows_per_part=1000)
+    assert (again.pages, again.parts_reused, again.parts_written) == (0, 5, 0)
+    assert digests(tmp_path) == before  # a whole export is left exactly as it is
+    assert bread_emulator.stats.count("get_rollout_output") == 0
+
+    # Truncate one part and flip a byte in another: only those two are fetched again.
+    part1 = tmp_path / "part-00001.parquet"
+    part1.write_bytes(part1.read_bytes()[:100])
+    part3 = tmp_path / "part-00003.parquet"
+    data = bytearray(part3.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part3.write_bytes(bytes(data))
+    bread_emulator.stats.reset()
+    fixed = await exporter.export_rollout("t", repo_name="r", dest=tmp_path, rows_per_part=1000)
+    assert (fixed.parts_reused, fixed.parts_written) == (3, 2)
+    offsets = sorted(
+        r.offset or 0 for r in bread_emulator.stats.records() if r.route == "get_rollout_output"
+    )
+    assert offsets == [1000, 3000]
+    assert read_rows(tmp_path) == bread_emulator.trajectories("r", "t")
+
+
+@frozen
+async def test_killed_exporter_resumes_fetching_only_missing_parts(
+    bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=40_000, rollout="complete")
+    bread_emulator.set_faults(Faults(latency=0.03), repo="r", target="t")
+    dest = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import asyncio
+        from breadasync import BreadClient
+        async def main():
+            async with BreadClient() as client:
+                await client.export_rollout("t", repo_name="r", dest={str(dest)!r},
+                                            rows_per_part=4000, concurrency=2)
+        asyncio.run(main())
+    """)
+    env = {
+        **os.environ,
+        "BREAD_API_KEY": bread_emulator.api_key,
+        "BREAD_BASE_URL": bread_emulator.url or "",
+    }
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    journal = dest / "_journal.jsonl"
+
+    def committed() -> int:
+        try:
+            return len(journal.read_bytes().splitlines()) - 1  # minus the header
+        except OSError:
+            return 0
+
+    try:
+        await wait_until(lambda: committed() >= 3 or child.poll() is not None, timeout=60)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+        if child.stderr:
+            child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    done_parts = {orjson.loads(line)["name"] for line in journal.read_bytes().splitlines()[1:]}
+    assert 3 <= len(done_parts) < 10
+
+    bread_emulator.set_faults(None, repo="r", target="t")
+    bread_emulator.stats.reset()
+    async with BreadClient(bread_emulator.api_key, bread_emulator.url) as client:
+        result = await client.export_rollout("t", repo_name="r", dest=dest, rows_per_part=4000)
+    assert result.parts_reused == len(done_parts)
+    assert result.parts_written == 10 - len(done_parts)
+    fetched_parts = {
+        f"part-{(r.offset or 0) // 4000:05d}.parquet"
+        for r in bread_emulator.stats.records()
+        if r.route == "get_rollout_output"
+    }
+    assert fetched_parts.isdisjoint(done_parts)
+    assert result.pages == 4 * (10 - len(done_parts))
+    assert read_rows(dest) == bread_emulator.trajectories("r", "t")
+
+
+@frozen
+async def test_two_exporters_one_folder(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=20_000, rollout="complete")
+    bread_emulator.set_faults(Faults(latency=0.05), repo="r", target="t")
+    errors: list[BaseException] = []
+
+    async def second() -> None:
+        await wait_until(lambda: (tmp_path / "_journal.jsonl").exists())
+        try:
+            await exporter.export_rollout("t", repo_name="r", dest=tmp_path)
+        except ExportLockedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        first = await exporter.export_rollout("t", repo_name="r", dest=tmp_path, concurrency=4)
+    assert first.rows == 20_000
+    assert len(errors) == 1
+    assert "another export is writing to" in str(errors[0])
+    assert read_rows(tmp_path) == bread_emulator.trajectories("r", "t")
+
+
+# --- unfinished jobs -----------------------------------------------------------------------
+
+
+@frozen
+async def test_unfinished_jobs_are_refused_unless_partial_is_allowed(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "running", plan=TargetPlan(stimuli=1000, rollout_seconds=100))
+    await exporter.targets.rollout.run("running", repo_name="r", poll=False)
+    bread_emulator.clock.advance(25)
+    with pytest.raises(UnfinishedJobError, match=r"is running \(250 lines so far\)"):
+        await exporter.export_rollout("running", repo_name="r", dest=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    partial = await exporter.export_rollout(
+        "running", repo_name="r", dest=tmp_path / "a", allow_partial=True
+    )
+    assert (partial.rows, partial.partial, partial.status) == (250, True, "running")
+    assert read_rows(tmp_path / "a") == bread_emulator.trajectories("r", "running", 0, 250)
+    assert orjson.loads((tmp_path / "a" / "_manifest.json").read_bytes())["partial"] is True
+
+    bread_emulator.add_target("r", "failed", rollout="failed", rows=1000)
+    with pytest.raises(UnfinishedJobError, match=r"failed .* after 500 lines"):
+        await exporter.export_rollout("failed", repo_name="r", dest=tmp_path / "b")
+    kept = await exporter.export_rollout(
+        "failed", repo_name="r", dest=tmp_path / "b", allow_partial=True
+    )
+    assert kept.rows == 500
+
+    bread_emulator.add_target("r", "idle", stim="running")
+    with pytest.raises(UnfinishedJobError, match="has not been started"):
+        await exporter.export_rollout(
+            "idle", repo_name="r", dest=tmp_path / "c", allow_partial=True
+        )
+    with pytest.raises(NotFoundError):
+        await exporter.export_rollout("ghost", repo_name="r", dest=tmp_path / "d")
+
+
+# --- bad destinations ----------------------------------------------------------------------
+
+
+@frozen
+async def test_a_destination_that_is_a_file(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=10, rollout="complete")
+    file = tmp_path / "taken"
+    file.write_text("my notes")
+    with pytest.raises(DestinationError, match="is a file, not a folder"):
+        await exporter.export_rollout("t", repo_name="r", dest=file)
+    assert file.read_text() == "my notes"
+    with pytest.raises(DestinationError, match="a part of the path is a file"):
+        await exporter.export_rollout("t", repo_name="r", dest=file / "inside")
+
+
+@frozen
+async def test_a_folder_holding_another_export_is_left_untouched(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "a", rows=1500, rollout="complete")
+    bread_emulator.add_target("r", "b", rows=1500, rollout="complete")
+    await exporter.export_rollout("a", repo_name="r", dest=tmp_path)
+    before = digests(tmp_path)
+    with pytest.raises(ExportMismatchError, match="already holds an export of r/a"):
+        await exporter.export_rollout("b", repo_name="r", dest=tmp_path)
+    with pytest.raises(ExportMismatchError):
+        await exporter.export_rollout("b", repo_name="r", dest=tmp_path, resume=False)
+    with pytest.raises(ExportMismatchError, match="in parts of 100,000 rows"):
+        await exporter.export_rollout("a", repo_name="r", dest=tmp_path, rows_per_part=500)
+    assert digests(tmp_path) == before
+
+    # The same target with more lines now: refused, unless replacing is asked for.
+    bread_emulator.add_target("r", "a", rows=2000, rollout="complete")
+    with pytest.raises(ExportMismatchError, match="pass resume=False to replace it"):
+        await exporter.export_rollout("a", repo_name="r", dest=tmp_path)
+    assert digests(tmp_path) == before
+    replaced = await exporter.export_rollout("a", repo_name="r", dest=tmp_path, resume=False)
+    assert replaced.rows == 2000
+    assert read_rows(tmp_path) == bread_emulator.trajectories("r", "a")
+
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "part-00000.parquet").write_bytes(b"not ours")
+    with pytest.raises(ExportMismatchError, match="something else"):
+        await exporter.export_rollout("a", repo_name="r", dest=stray)
+    assert (stray / "part-00000.parquet").read_bytes() == b"not ours"
+
+
+@contextlib.contextmanager
+def unprivileged() -> Iterator[None]:
+    """Drop root's power to write anywhere, as a normal user has none (restored after)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@frozen
+async def test_no_permission_to_write(exporter: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t", rows=10, rollout="complete")
+    # Under the system's temporary folder, which every user may reach (pytest's own
+    # folders are private to their owner).
+    with tempfile.TemporaryDirectory() as base:
+        Path(base).chmod(0o755)
+        locked = Path(base) / "read-only"
+        locked.mkdir()
+        locked.chmod(0o555)
+        with unprivileged(), pytest.raises(DestinationError, match="no permission to write there"):
+            await exporter.export_rollout("t", repo_name="r", dest=locked / "export")
+        with unprivileged(), pytest.raises(DestinationError, match="no permission to write there"):
+            await exporter.export_rollout("t", repo_name="r", dest=locked)
+        assert list(locked.iterdir()) == []
+
+
+class FullDisk(LocalDestination):
+    """A destination whose disk fills up after a few KB (the storage seam, as a test)."""
+
+    def open_part(self, name: str) -> PartFile:
+        part = super().open_part(name)
+        real_write = part.write
+
+        def write(data: bytes | memoryview) -> int:
+            if part.size + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(data)
+
+        part.write = write  # type: ignore[method-assign]
+        return part
+
+
+@frozen
+async def test_a_full_disk_is_a_clear_error_and_damages_nothing(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "good", rows=1200, rollout="complete")
+    bread_emulator.add_target("r", "big", rows=5000, rollout="complete")
+    await exporter.export_rollout("good", repo_name="r", dest=tmp_path / "good")
+    before = digests(tmp_path / "good")
+    with pytest.raises(DestinationError, match="the disk is full"):
+        await exporter.export_rollout("big", repo_name="r", dest=FullDisk(tmp_path / "big"))
+    assert not (tmp_path / "big" / "_manifest.json").exists()
+    assert not list((tmp_path / "big").glob("*.parquet"))
+    assert not list((tmp_path / "big").glob(".part-*"))
+    assert digests(tmp_path / "good") == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"page_size": 0}, "page_size must be an int within 1..1000"),
+        ({"page_size": 1001}, "page_size"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"rows_per_part": 0}, "rows_per_part"),
+        ({"window": 0}, "window"),
+        ({"compression": "xz"}, "unknown compression"),
+        ({"repo_name": ""}, "repo_name must not be empty"),
+    ],
+)
+async def test_invalid_options_send_nothing(
+    exporter: BreadClient,
+    bread_emulator: Emulator,
+    tmp_path: Path,
+    kwargs: dict[str, object],
+    message: str,
+) -> None:
+    kwargs.setdefault("repo_name", "r")
+    with pytest.raises(InvalidArgumentError, match=message):
+        await exporter.export_rollout("t", dest=tmp_path, **kwargs)  # type: ignore[arg-type]
+    assert bread_emulator.stats.count() == 0
+
+
+# --- many targets --------------------------------------------------------------------------
+
+
+@frozen
+async def test_export_many_into_one_hive_dataset(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    names = {("r1", "alpha"): 1500, ("r1", "beta"): 700, ("r2", "alpha"): 2100}
+    for (repo, target), rows in names.items():
+        bread_emulator.add_target(repo, target, rows=rows, rollout="complete")
+    results = await exporter.export_many(
+        [*list(names), ("r2", "ghost")], dest=tmp_path, rows_per_part=1000, concurrency=4
+    )
+    assert [r.rows for r in results] == [1500, 700, 2100, 0]
+    assert isinstance(results[3].error, NotFoundError)
+    assert results.rows == 4300
+    assert [r.target.target_name for r in results.failures()] == ["ghost"]
+
+    dataset = ds.dataset(tmp_path, format="parquet", partitioning="hive")
+    table = dataset.to_table()
+    assert table.num_rows == 4300
+    for (repo, target), rows in names.items():
+        part = dataset.to_table(filter=(ds.field("repo") == repo) & (ds.field("target") == target))
+        part = part.sort_by("offset")
+        assert part.num_rows == rows
+        assert batch_to_rows(part) == bread_emulator.trajectories(repo, target)
+
+    counts = duckdb.sql(
+        f'SELECT repo, target, count(*) AS n, max("offset") AS last '
+        f"FROM read_parquet('{tmp_path}/*/*/*.parquet', hive_partitioning = true) "
+        "GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    assert counts == [
+        ("r1", "alpha", 1500, 1499),
+        ("r1", "beta", 700, 699),
+        ("r2", "alpha", 2100, 2099),
+    ]
+
+
+@frozen
+async def test_names_cannot_escape_or_collide(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    awkward = ["../../escape", "a/b", "a%2Fb", "x=y", "...", "é 😀", "z" * 250, "z" * 249 + "y"]
+    for name in awkward:
+        bread_emulator.add_target("repo/../up", name, rows=3, rollout="complete")
+    dest = tmp_path / "dataset"
+    results = await exporter.export_many(awkward, repo_name="repo/../up", dest=dest)
+    assert all(r.ok for r in results)
+    folders = {Path(r.dest) for r in results}
+    assert len(folders) == len(awkward)  # no collisions
+    for folder in folders:
+        assert folder.resolve().is_relative_to(dest.resolve())
+        assert folder.parent.parent == dest
+    assert {p.name for p in tmp_path.iterdir()} == {"dataset"}  # nothing escaped
+    table = ds.dataset(dest, format="parquet", partitioning="hive").to_table()
+    decoded = set(table.column("target").to_pylist())
+    assert {name for name in awkward if len(name) < 100} <= decoded
+    assert hive_segment("target", "a/b") == "target=a%2Fb"
+
+
+# --- streaming batches ---------------------------------------------------------------------
+
+
+@frozen
+async def test_iter_rollout_batches_streams_in_order(
+    exporter: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "t", rows=3456, rollout="complete")
+    bread_emulator.set_faults(Faults(page_cap=400), repo="r", target="t")
+    rows: list[dict[str, object]] = []
+    offsets: list[int] = []
+    async for batch in exporter.iter_rollout_batches("t", repo_name="r", page_size=1000):
+        offsets.extend(batch.column("offset").to_pylist())
+        rows.extend(batch_to_rows(batch))
+    assert offsets == list(range(3456))
+    assert rows == bread_emulator.trajectories("r", "t")
+
+
+@frozen
+async def test_leaving_iter_rollout_batches_early_stops_fetching(
+    exporter: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "t", rows=200_000, rollout="complete")
+    async with exporter.iter_rollout_batches("t", repo_name="r", concurrency=4) as batches:
+        async for batch in batches:
+            assert batch.num_rows == 1000
+            break
+    sent = exporter.stats.requests
+    assert sent < 20  # a window of pages, not 200
+    assert exporter.stats.in_flight == 0
+    await anyio.sleep(0.2)  # nothing may follow: watch a while
+    assert exporter.stats.requests == sent
+
+
+@frozen
+async def test_iter_rollout_batches_refuses_an_unfinished_job(
+    exporter: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "t", rollout="running", rows=100)
+    with pytest.raises(UnfinishedJobError):
+        async for _ in exporter.iter_rollout_batches("t", repo_name="r"):
+            pass
+
+
+def test_no_api_key_in_any_export_file(bread_emulator: Emulator, tmp_path: Path) -> None:
+    bread_emulator.add_target("r", "t", rows=2000, rollout="complete")
+
+    async def run() -> None:
+        async with BreadClient(bread_emulator.api_key, bread_emulator.url) as client:
+            await client.export_many(["t"], repo_name="r", dest=tmp_path)
+
+    anyio.run(run)
+    key = bread_emulator.api_key.encode()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files
+    assert all(key not in p.read_bytes() for p in files)
+    started = time.monotonic()
+    assert time.monotonic() - started < 1
