@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 Compression = Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"]
 FORMAT = "breadasync-export"
+DECODE_THREADS = 2
+"""Threads decoding pages. Arrow's JSON parser releases the GIL, so two keep two cores busy;
+more only add contention with the event loop (measured in benchmarks/RESULTS.md)."""
 ROW_GROUP_ROWS = 32_768
 """Rows buffered before a row group is written: big enough for readers, small enough to
 keep memory flat."""
@@ -327,8 +330,7 @@ class Exporter:
         self._options = options
         self._user_id = user_id
         self._limiter = limiter or anyio.CapacityLimiter(options.concurrency)
-        # Decoding holds the GIL: two threads keep the pipeline full, more only contend.
-        self._decode_limiter = anyio.CapacityLimiter(2)
+        self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
 
     async def plan(self, target: TargetRef, dest: str) -> tuple[ExportPlan, JobStatus]:
         """Read the job's status and plan the export (refusing an unfinished job unless a
