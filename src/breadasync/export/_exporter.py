@@ -53,7 +53,7 @@ FORMAT = "breadasync-export"
 DECODE_THREADS = 2
 """Threads decoding pages. Arrow's JSON parser releases the GIL, so two keep two cores busy;
 more only add contention with the event loop (measured in benchmarks/RESULTS.md)."""
-ROW_GROUP_ROWS = 32_768
+ROW_GROUP_ROWS = 16_384
 """Rows buffered before a row group is written: big enough for readers, small enough to
 keep memory flat."""
 
@@ -65,7 +65,7 @@ class ExportOptions:
     Attributes:
         page_size: Rows asked per page, 1..1000 (default 1000, the most the API gives).
         concurrency: Page requests in flight (default 16; the client's limits apply too).
-        window: Pages fetched ahead of the writer (default ``2 * concurrency``).
+        window: Pages fetched ahead of the writer (default ``concurrency + 8``).
         rows_per_part: Rows per Parquet file (default 100,000).
         compression: Parquet compression (default ``"zstd"``).
         resume: Keep verified parts from an earlier run (default); if false, an earlier
@@ -100,7 +100,7 @@ class ExportOptions:
     @property
     def pages_ahead(self) -> int:
         """The window in pages."""
-        return self.window or 2 * self.concurrency
+        return self.window or self.concurrency + 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +276,9 @@ class _PartWriter:
             )
         self._writer.close()
         self._store.commit_part(self._file)
+        # Arrow's allocator keeps freed blocks for reuse; hand them back between parts so a
+        # long export's footprint stays flat.
+        pa.default_memory_pool().release_unused()
         return PartRecord(
             self.part.name,
             self.part.start,
