@@ -234,3 +234,13 @@ def test_faults_round_trip_through_dicts() -> None:
     assert Faults.from_dict(orjson.loads(orjson.dumps(faults.to_dict()))) == faults
     with pytest.raises(ValueError, match="unknown fault switch"):
         Faults.from_dict({"latencyy": 1})
+
+
+async def test_corrupt_overlong_and_empty_pages(api: RawApi, target: Emulator) -> None:
+    target.set_faults(Faults(corrupt=1.0, corrupt_kind="overlong"))
+    page = (await api.get(OUT, params={"limit": "10"})).json()
+    assert len(page["output"]) == 11
+    target.set_faults(Faults(corrupt=1.0, corrupt_kind="empty"))
+    page = (await api.get(OUT, params={"limit": "10"})).json()
+    assert page["output"] == []
+    assert page["lines"] == 3000

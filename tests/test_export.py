@@ -214,6 +214,16 @@ async def test_every_fault_still_ends_exact(
         (Faults(corrupt=1.0, corrupt_kind="html"), ProtocolError, "not JSON"),
         (Faults(corrupt=1.0, corrupt_kind="wrong-types"), ProtocolError, "should be"),
         (Faults(redirect_to="http://elsewhere.example"), RedirectError, "redirected"),
+        (
+            Faults(corrupt=1.0, corrupt_kind="overlong", routes=frozenset({"get_rollout_output"})),
+            DataIntegrityError,
+            "asked for 1000 rows, got 1001",
+        ),
+        (
+            Faults(corrupt=1.0, corrupt_kind="empty", routes=frozenset({"get_rollout_output"})),
+            DataIntegrityError,
+            "no rows at offset .* the export would have a gap",
+        ),
     ],
 )
 @frozen

@@ -661,6 +661,10 @@ class Emulator:
                 data["output"] = {"rows": data["output"]}
         elif kind == "has-more-lies" and "has_more" in data:
             data["has_more"] = not data["has_more"]
+        elif kind == "overlong" and isinstance(data.get("output"), list) and data["output"]:
+            data["output"].append(data["output"][-1])
+        elif kind == "empty" and isinstance(data.get("output"), list):
+            data["output"] = []
         return web.Response(body=orjson.dumps(data), content_type=_JSON)
 
     async def _write_stream(

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RetryAfterFormat = Literal["both", "seconds", "http-date", "ms", "none"]
-CorruptKind = Literal["html", "truncated", "deep", "huge", "wrong-types", "has-more-lies"]
+CorruptKind = Literal[
+    "html", "truncated", "deep", "huge", "wrong-types", "has-more-lies", "overlong", "empty"
+]
 
 ROUTES = frozenset(
     {
@@ -63,6 +65,9 @@ class Faults:
     corrupt: float = 0.0
     """Fraction of successful responses replaced by a broken body of ``corrupt_kind``."""
     corrupt_kind: CorruptKind = "html"
+    """``html`` (not JSON), ``truncated`` JSON, ``deep`` nesting, a ``huge`` body, fields of
+    ``wrong-types``, a ``has_more`` that lies, an ``overlong`` page (one row more than
+    asked) or an ``empty`` page (no rows although ``lines`` says there are)."""
     echo_request: bool = False
     """Injected errors echo the request's headers in their message, as a debugging proxy
     might (a client must not repeat the key it finds there)."""
