@@ -55,12 +55,15 @@ from .export._exporter import (
     Compression,
     Exporter,
     ExportOptions,
+    ExportProgress,
     ExportResult,
     ExportResults,
     check_target,
     export_many,
 )
 from .export._store import LocalDestination
+
+ExportProgressCallback = Callable[[ExportProgress], Any]
 
 _T = TypeVar("_T")
 JobKind = Literal["stim", "rollout"]
@@ -324,6 +327,7 @@ class BreadClient:
         allow_partial: bool = False,
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
+        on_progress: ExportProgressCallback | None = None,
     ) -> ExportResult:
         """Export a rollout's output to Parquet files in the folder ``dest``.
 
@@ -339,6 +343,8 @@ class BreadClient:
             resume: Keep the verified parts of an earlier run into ``dest`` (default); if
                 false, replace an earlier export of this target there.
             allow_partial: Export what a running or failed job has so far.
+            on_progress: Called with an :class:`~breadasync.export.ExportProgress` as pages
+                are written.
             dest: A folder path, or a :class:`~breadasync.export.LocalDestination` (the
                 storage seam).
 
@@ -356,7 +362,7 @@ class BreadClient:
         )
         if not isinstance(dest, LocalDestination):
             dest = os.fspath(dest)
-        return await Exporter(self, options, user_id).export(target, dest)
+        return await Exporter(self, options, user_id, on_progress=on_progress).export(target, dest)
 
     async def export_many(
         self,
@@ -373,6 +379,7 @@ class BreadClient:
         allow_partial: bool = False,
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
+        on_progress: ExportProgressCallback | None = None,
     ) -> ExportResults:
         """Export many targets into one dataset folder, ``dest/repo=R/target=T/``.
 
@@ -387,7 +394,7 @@ class BreadClient:
             page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
         )
         return await export_many(
-            Exporter(self, options, user_id),
+            Exporter(self, options, user_id, on_progress=on_progress),
             targets,
             repo_name,
             os.fspath(dest),

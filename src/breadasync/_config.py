@@ -188,7 +188,8 @@ def resolve_api_key(api_key: str | None) -> str:
         raise ConfigError(f"api_key must be a str, got {type(key).__name__}")
     if key is None or not key.strip():
         raise ConfigError(
-            f"no API key: pass api_key=... or set the {ENV_API_KEY} environment variable"
+            f"no API key: set the {ENV_API_KEY} environment variable (or pass api_key=..., "
+            "or --api-key on the command line)"
         )
     key = key.strip()
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in key) or not key.isascii():

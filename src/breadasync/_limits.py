@@ -89,3 +89,22 @@ class RateLimiter:
         self._next = turn + self._interval
         if turn > now:
             await anyio.sleep(turn - now)
+
+
+class Pause:
+    """A client-wide "not before": when the service answers 429 or 503 with a wait, no
+    request of the client goes out before it ends (a limit is usually per key, so the
+    other requests would only be refused too)."""
+
+    def __init__(self) -> None:
+        self._until = -math.inf
+
+    def hold(self, seconds: float) -> None:
+        """Hold every request for ``seconds`` from now (an earlier, longer hold stands)."""
+        self._until = max(self._until, anyio.current_time() + seconds)
+
+    async def wait(self) -> None:
+        """Wait out the hold, if any."""
+        remaining = self._until - anyio.current_time()
+        if remaining > 0:
+            await anyio.sleep(remaining)

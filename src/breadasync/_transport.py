@@ -41,7 +41,7 @@ from ._errors import (
     server_message,
     status_error_class,
 )
-from ._limits import AdaptiveConcurrency, RateLimiter
+from ._limits import AdaptiveConcurrency, Pause, RateLimiter
 from ._retry import BACKPRESSURE, backoff, is_retryable_status, parse_retry_after
 from ._version import __version__
 
@@ -120,6 +120,7 @@ class Transport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._concurrency = AdaptiveConcurrency(limits.max_concurrency)
+        self._pause = Pause()
         self._rate = (
             RateLimiter(limits.max_requests_per_second) if limits.max_requests_per_second else None
         )
@@ -250,6 +251,7 @@ class Transport:
         deadline = math.inf if timeouts.total is None else anyio.current_time() + timeouts.total
         attempt = 0
         while True:
+            await self._pause.wait()
             if self._rate is not None:
                 await self._rate.wait()
             slot = await self._concurrency.acquire()
@@ -269,6 +271,9 @@ class Transport:
                 if error.status in BACKPRESSURE:
                     self._stats.throttled += 1
                     self._concurrency.pushed_back(slot)
+                    if retry_after is not None and retry_after <= policy.max_retry_after:
+                        # The service's "wait" is for this client, not just this request.
+                        self._pause.hold(retry_after)
             elif isinstance(error, APIConnectionError):
                 retryable = not self._closed
             if not retryable or attempt >= policy.max_retries:

@@ -947,7 +947,8 @@ class Emulator:
             duration, total = plan.stim_seconds, state.stimuli
         else:
             stim_total = state.stim.total if state.stim else state.stimuli
-            duration, total = plan.rollout_seconds, stim_total * state.num_traj
+            total = stim_total * state.num_traj
+            duration = plan.rollout_seconds + plan.seconds_per_line * total
         now = self.clock.now()
         if preset == "new":
             started = now  # queued first, if the plan says so

@@ -64,7 +64,9 @@ class TargetPlan:
     stim_seconds: float = 2.0
     """Emulated seconds a stim job runs."""
     rollout_seconds: float = 10.0
-    """Emulated seconds a rollout job runs."""
+    """Emulated seconds a rollout job runs..."""
+    seconds_per_line: float = 0.0
+    """...plus this much per line it produces, so bigger jobs take longer."""
     queue_seconds: float = 0.0
     """Emulated seconds a job stays ``pending`` before it runs."""
     fail: Literal["stim", "rollout"] | None = None
@@ -79,7 +81,7 @@ class TargetPlan:
     def __post_init__(self) -> None:
         if self.stimuli is not None and self.stimuli < 0:
             raise ValueError("TargetPlan.stimuli must be >= 0")
-        for name in ("stim_seconds", "rollout_seconds", "queue_seconds"):
+        for name in ("stim_seconds", "rollout_seconds", "queue_seconds", "seconds_per_line"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TargetPlan.{name} must be >= 0")
         if not 0 <= self.fail_at <= 1:

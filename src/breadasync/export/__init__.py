@@ -5,7 +5,7 @@ Use it through the client (``client.export_rollout``, ``client.export_many``,
 lossless row conversion, the export plan, the range reader and the destination seam.
 """
 
-from ._exporter import ExportOptions, ExportResult, ExportResults, hive_segment
+from ._exporter import ExportOptions, ExportProgress, ExportResult, ExportResults, hive_segment
 from ._plan import ExportPlan, Part
 from ._schema import SCHEMA, SCHEMA_VERSION, batch_to_rows, rows_to_batch
 from ._store import LocalDestination, PartRecord
@@ -15,6 +15,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ExportOptions",
     "ExportPlan",
+    "ExportProgress",
     "ExportResult",
     "ExportResults",
     "LocalDestination",

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,6 +148,26 @@ class ExportResult:
     def manifest(self) -> str:
         """The manifest's path (the export's commit point)."""
         return str(Path(self.dest) / MANIFEST)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportProgress:
+    """How far one target's export has come, for ``on_progress``.
+
+    Attributes:
+        target: The target.
+        rows: Rows done: kept from an earlier run, or fetched and handed to the writer.
+        total: Rows the export will hold.
+        pages: Pages fetched by this run so far.
+    """
+
+    target: TargetRef
+    rows: int
+    total: int
+    pages: int
+
+
+ProgressCallback = Callable[[ExportProgress], Any]
 
 
 class ExportResults(Sequence[ExportResult]):
@@ -294,6 +314,26 @@ class _PartWriter:
         self._store.discard_part(self._file)
 
 
+class _Progress:
+    """Reports an export's progress to the caller's callback, if any."""
+
+    def __init__(
+        self, callback: ProgressCallback | None, target: TargetRef, total: int, reader: RangeReader
+    ) -> None:
+        self._callback = callback
+        self._target = target
+        self._total = total
+        self._reader = reader
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        if self._callback is not None:
+            self._callback(
+                ExportProgress(self._target, self.rows, self._total, self._reader.requests)
+            )
+
+
 async def _thread(func: Any, *args: Any) -> Any:
     return await anyio.to_thread.run_sync(func, *args)
 
@@ -328,10 +368,12 @@ class Exporter:
         options: ExportOptions,
         user_id: str | NotGiven | None,
         limiter: anyio.CapacityLimiter | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         self._client = client
         self._options = options
         self._user_id = user_id
+        self._on_progress = on_progress
         self._limiter = limiter or anyio.CapacityLimiter(options.concurrency)
         self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
 
@@ -380,8 +422,10 @@ class Exporter:
         try:
             reused, todo = await _thread(self._reconcile, store, plan)
             reader = self.reader(plan)
+            progress = _Progress(self._on_progress, target, plan.lines, reader)
+            progress.add(sum(r.rows for r in reused))
             try:
-                written = await self._write_parts(store, plan, todo, reader)
+                written = await self._write_parts(store, plan, todo, reader, progress)
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             records = sorted(reused + written, key=lambda r: r.start)
@@ -481,7 +525,12 @@ class Exporter:
         )
 
     async def _write_parts(
-        self, store: LocalDestination, plan: ExportPlan, parts: list[Part], reader: RangeReader
+        self,
+        store: LocalDestination,
+        plan: ExportPlan,
+        parts: list[Part],
+        reader: RangeReader,
+        progress: _Progress,
     ) -> list[PartRecord]:
         pages = [
             Page(offset, limit, part.index) for part in parts for offset, limit in plan.pages(part)
@@ -491,7 +540,7 @@ class Exporter:
         written: list[PartRecord] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader.run, pages, send)
-            await self._consume(store, plan, by_index, receive, written)
+            await self._consume(store, plan, by_index, receive, written, progress)
         return written
 
     async def _consume(
@@ -501,6 +550,7 @@ class Exporter:
         parts: dict[int, Part],
         receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]],
         written: list[PartRecord],
+        progress: _Progress,
     ) -> None:
         writer: _PartWriter | None = None
         try:
@@ -513,6 +563,7 @@ class Exporter:
                                 _PartWriter, store, plan, part, self._options.compression
                             )
                         await _thread(writer.add, batches)
+                        progress.add(sum(batch.num_rows for batch in batches))
                         if writer.done:
                             record = await _thread(writer.commit)
                             await _thread(store.append_journal, record.to_dict())
