@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -170,3 +173,39 @@ async def make_client(bread_emulator: Emulator) -> AsyncIterator[Callable[..., B
 def client(make_client: Callable[..., BreadClient]) -> BreadClient:
     """A client of ``bread_emulator`` with fast retries and polls."""
     return make_client()
+
+
+# --- resource hygiene, checked around every test -----------------------------------------------
+
+
+def _open_files() -> set[str]:
+    """What this process has open, by target (sockets, pipes and files); Linux only."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            continue  # closed while listing (e.g. the listing's own descriptor)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_files() -> Iterator[None]:
+    """No test may leave a file, socket or pipe open behind it."""
+    if not os.path.isdir("/proc/self/fd"):
+        yield
+        return
+    before = _open_files()
+    yield
+    gc.collect()
+    leaked = sorted(_open_files() - before)
+    assert not leaked, f"left open: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+async def _no_orphan_tasks() -> AsyncIterator[None]:
+    """No test may leave a task running on its event loop."""
+    yield
+    current = asyncio.current_task()
+    orphans = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    assert not orphans, f"tasks left running: {orphans}"

@@ -260,10 +260,22 @@ def test_export_user_errors_are_one_clear_line(bread_emulator: Emulator, tmp_pat
     assert bad_url.returncode == 2
     one_error_line(bad_url, "export", "must be an http(s) URL")
     dead = run(
-        "status", "--repo", "r", "x", "--base-url", "http://127.0.0.1:9", "--api-key", "k", "--json"
+        "status",
+        "--repo",
+        "r",
+        "x",
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--api-key",
+        "k",
+        "--json",
+        "--max-retries",
+        "1",
     )
     assert dead.returncode == 1
-    assert "cannot connect to http://127.0.0.1:9" in as_json(dead)[0]["error"]
+    error = as_json(dead)[0]["error"]
+    assert "cannot connect to http://127.0.0.1:9" in error
+    assert "gave up after 2 attempts" in error
     bad_arg = run("export", "--repo", "r", "--target", "done", "--out", out, "--page-size", "1001")
     assert bad_arg.returncode == 2
     assert "not within 1..1000" in bad_arg.stderr

@@ -8,6 +8,8 @@ from ._errors import InvalidArgumentError
 
 MAX_PAGE_SIZE = 1000
 """The most rows the service returns per output page."""
+MAX_OFFSET = 2**63 - 1
+"""The largest offset a 64-bit service accepts."""
 
 
 def check_name(value: Any, what: str) -> str:
@@ -42,8 +44,8 @@ def check_offset(value: Any) -> int:
     """An offset >= 0."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"offset must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise InvalidArgumentError(f"offset must be >= 0, got {value}")
+    if not 0 <= value <= MAX_OFFSET:
+        raise InvalidArgumentError(f"offset must be within 0..{MAX_OFFSET}, got {value}")
     return value
 
 

@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
         "--base-url", help="the service (default: $BREAD_BASE_URL, then the public API)"
     )
     service.add_argument("--api-key", help="the API key (default: $BREAD_API_KEY)")
+    service.add_argument(
+        "--max-retries",
+        type=_int_within(0, 100),
+        default=5,
+        help="retries of a failed request, with backoff (default 5)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="breadasync",
@@ -271,7 +277,7 @@ class Ui:
 def _client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from ._client import BreadClient
 
-    return BreadClient(args.api_key, args.base_url, **kwargs)
+    return BreadClient(args.api_key, args.base_url, max_retries=args.max_retries, **kwargs)
 
 
 # --- rollout -------------------------------------------------------------------------------

@@ -384,8 +384,10 @@ class Emulator:
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=1024 * 1024)
-        base = "/v1/repo/{repo}/targets"
-        one = base + "/{target}"
+        # Any character but '/' (aiohttp's default also refuses braces): names travel
+        # percent-encoded, and the emulator must take every name a client may send.
+        base = "/v1/repo/{repo:[^/]+}/targets"
+        one = base + "/{target:[^/]+}"
         api: list[tuple[str, str, _Handler, str]] = [
             ("GET", base, self._list_targets, "list_targets"),
             ("POST", base, self._create_target, "create_target"),
@@ -437,9 +439,8 @@ class Emulator:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         route = request.match_info.route.name
-        if route is None or route.startswith("control:"):
-            # Unknown paths get a JSON 404/405 (before any auth, as the service does).
-            return await self._guard(handler, request, control=route is not None)
+        if route is not None and route.startswith("control:"):
+            return await self._guard(handler, request, control=True)
         info = request.match_info
         repo, target = info.get("repo"), info.get("target")
         started = time.monotonic()
@@ -447,6 +448,13 @@ class Emulator:
         status, fault, rows = 499, None, None
         context: _Context | None = None
         try:
+            if route is None:
+                # An unknown path gets a JSON 404/405 before any auth, as the service does;
+                # it is counted, as "unmatched".
+                route = "unmatched"
+                response: web.StreamResponse = await self._guard(handler, request)
+                status = response.status
+                return response
             faults, scope = self._faults_for(route, repo, target)
             context = _Context(faults)
             _REQUEST.set(context)
@@ -459,7 +467,7 @@ class Emulator:
             self.stats.leave(
                 RequestRecord(
                     method=request.method,
-                    route=route,
+                    route=route or "unmatched",
                     repo=repo,
                     target=target,
                     status=status,
@@ -890,7 +898,7 @@ class Emulator:
         query = request.rel_url.query
         issues: list[dict[str, Any]] = []
         limit = _query_int(query, "limit", 100, 1, 1000, issues)
-        offset = _query_int(query, "offset", 0, 0, None, issues)
+        offset = _query_int(query, "offset", 0, 0, 2**63 - 1, issues)
         if issues:
             return self._invalid(issues)
         context = _REQUEST.get()

@@ -269,6 +269,7 @@ class _PartWriter:
             raise
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
+        self.committed = False
 
     def add(self, batches: list[pa.RecordBatch]) -> None:
         for batch in batches:
@@ -296,6 +297,7 @@ class _PartWriter:
             )
         self._writer.close()
         self._store.commit_part(self._file)
+        self.committed = True
         # Arrow's allocator keeps freed blocks for reuse; hand them back between parts so a
         # long export's footprint stays flat.
         pa.default_memory_pool().release_unused()
@@ -553,28 +555,39 @@ class Exporter:
         progress: _Progress,
     ) -> None:
         writer: _PartWriter | None = None
+        opened: list[_PartWriter] = []
+
+        def open_part(part: Part) -> _PartWriter:
+            # Registered from the worker thread itself, so a cancel that lands while the
+            # part is being opened still finds it to clean up.
+            new = _PartWriter(store, plan, part, self._options.compression)
+            opened.append(new)
+            return new
+
         try:
             async with receive:
                 async for page, batches in receive:
                     part = parts[page.part]
                     try:
                         if writer is None:
-                            writer = await _thread(
-                                _PartWriter, store, plan, part, self._options.compression
-                            )
+                            writer = await _thread(open_part, part)
                         await _thread(writer.add, batches)
                         progress.add(sum(batch.num_rows for batch in batches))
                         if writer.done:
-                            record = await _thread(writer.commit)
-                            await _thread(store.append_journal, record.to_dict())
+                            # A part on disk and in the journal, or neither: a cancel waits.
+                            with anyio.CancelScope(shield=True):
+                                record = await _thread(writer.commit)
+                                await _thread(store.append_journal, record.to_dict())
                             written.append(record)
                             writer = None
                     except OSError as exc:
                         raise describe_os_error(exc, "write", store.path / part.name) from exc
         finally:
-            if writer is not None:
+            unfinished = [w for w in opened if not w.committed]
+            if unfinished:
                 with anyio.CancelScope(shield=True):
-                    await _thread(writer.discard)
+                    for stale in unfinished:
+                        await _thread(stale.discard)
 
     def _commit(
         self,
