@@ -25,6 +25,15 @@ SCRIPT = Path(sys.executable).with_name("breadasync")
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def cli_env(emulator: Emulator | None = None, **extra: str) -> dict[str, str]:
+    """This environment without BREAD_* settings, then those of ``emulator``, if any."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BREAD_")}
+    if emulator is not None:
+        env.update(BREAD_API_KEY=emulator.api_key, BREAD_BASE_URL=emulator.url or "")
+    env.update(extra)
+    return env
+
+
 def run(
     *args: str,
     emulator: Emulator | None = None,
@@ -32,10 +41,7 @@ def run(
     env: dict[str, str] | None = None,
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BREAD_")}
-    if emulator is not None:
-        full_env.update(BREAD_API_KEY=emulator.api_key, BREAD_BASE_URL=emulator.url or "")
-    full_env.update(env or {})
+    full_env = cli_env(emulator, **(env or {}))
     return subprocess.run(
         [str(SCRIPT), *args],
         capture_output=True,
@@ -301,10 +307,7 @@ def test_export_to_a_folder_without_write_permission(
                 "pyarrow.compute; os.seteuid(65534); "
                 f"sys.exit(breadasync.cli.main({argv!r}))"
             )
-            env = {k: v for k, v in os.environ.items() if not k.startswith("BREAD_")}
-            env.update(
-                BREAD_API_KEY=bread_emulator.api_key, BREAD_BASE_URL=bread_emulator.url or ""
-            )
+            env = cli_env(bread_emulator)
             done = subprocess.run(
                 [sys.executable, "-c", code],
                 capture_output=True,
@@ -324,8 +327,7 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     bread_emulator.add_target("r", "t", rows=60_000, rollout="complete")
     bread_emulator.set_faults(Faults(latency=0.1), repo="r", target="t")
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BREAD_")}
-    env.update(BREAD_API_KEY=bread_emulator.api_key, BREAD_BASE_URL=bread_emulator.url or "")
+    env = cli_env(bread_emulator)
     argv = [
         str(SCRIPT),
         "export",
@@ -400,10 +402,7 @@ def test_progress_is_drawn_on_a_terminal_and_not_with_quiet(
     bread_emulator: Emulator, tmp_path: Path
 ) -> None:
     bread_emulator.add_target("r", "t", rows=20_000, rollout="complete")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BREAD_")}
-    env.update(
-        BREAD_API_KEY=bread_emulator.api_key, BREAD_BASE_URL=bread_emulator.url or "", COLUMNS="120"
-    )
+    env = cli_env(bread_emulator, COLUMNS="120")
     for quiet, expect_bar in ((False, True), (True, False)):
         main, replica = pty.openpty()
         try:

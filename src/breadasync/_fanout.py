@@ -13,10 +13,10 @@ import enum
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._models import JobState, JobStatus
 from ._polling import PollSchedule
+from ._results import Results
 from ._validation import check_name
 
 if TYPE_CHECKING:
@@ -135,24 +136,8 @@ class FanoutSummary:
         return f"{self.total} targets: {', '.join(parts)} ({self.lines:,} lines)"
 
 
-class RolloutResults(Sequence[RolloutResult]):
+class RolloutResults(Results[RolloutResult]):
     """One :class:`RolloutResult` per input target, in input order."""
-
-    def __init__(self, results: list[RolloutResult]) -> None:
-        self._results = results
-
-    @overload
-    def __getitem__(self, index: int) -> RolloutResult: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[RolloutResult]: ...
-    def __getitem__(self, index: int | slice) -> RolloutResult | Sequence[RolloutResult]:
-        return self._results[index]
-
-    def __len__(self) -> int:
-        return len(self._results)
-
-    def __iter__(self) -> Iterator[RolloutResult]:
-        return iter(self._results)
 
     def __repr__(self) -> str:
         return f"<RolloutResults {self.summary()}>"
@@ -174,16 +159,6 @@ class RolloutResults(Sequence[RolloutResult]):
             started=count[Outcome.STARTED],
             lines=lines,
         )
-
-    def failures(self) -> list[RolloutResult]:
-        """The results that are not :attr:`RolloutResult.ok`."""
-        return [r for r in self._results if not r.ok]
-
-    def raise_for_failures(self) -> None:
-        """Raise the first failure's error, if any target did not end ``ok``."""
-        for result in self._results:
-            if not result.ok and result.error is not None:
-                raise result.error
 
 
 @dataclass(frozen=True, slots=True)

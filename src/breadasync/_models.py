@@ -10,7 +10,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypedDict
 
 from ._errors import ProtocolError
 
@@ -256,19 +256,34 @@ def _job_id(data: Mapping[str, Any], origin: Origin) -> int | str | None:
     raise origin.fail("field 'job_id' should be an integer or a string", value)
 
 
+class _JobFields(TypedDict):
+    status: JobState
+    lines: int | None
+    config: Mapping[str, Any]
+    error: str | None
+    job_id: int | str | None
+    progress_percent: float | None
+    total_expected: int | None
+    raw: Mapping[str, Any]
+
+
+def _job_fields(obj: dict[str, Any], origin: Origin) -> _JobFields:
+    """The fields a job status and an output page share."""
+    return {
+        "status": _state(obj, origin),
+        "lines": _int(obj, "lines", origin),
+        "config": _mapping(obj, origin),
+        "error": _str(obj, "error", origin),
+        "job_id": _job_id(obj, origin),
+        "progress_percent": _number(obj, "progress_percent", origin),
+        "total_expected": _int(obj, "total_expected", origin),
+        "raw": MappingProxyType(obj),
+    }
+
+
 def parse_job(data: Any, origin: Origin) -> JobStatus:
     """A :class:`JobStatus` from a decoded answer."""
-    obj = _object(data, origin)
-    return JobStatus(
-        status=_state(obj, origin),
-        lines=_int(obj, "lines", origin),
-        config=_mapping(obj, origin),
-        error=_str(obj, "error", origin),
-        job_id=_job_id(obj, origin),
-        progress_percent=_number(obj, "progress_percent", origin),
-        total_expected=_int(obj, "total_expected", origin),
-        raw=MappingProxyType(obj),
-    )
+    return JobStatus(**_job_fields(_object(data, origin), origin))
 
 
 def parse_page(data: Any, origin: Origin) -> OutputPage:
@@ -288,18 +303,7 @@ def parse_page(data: Any, origin: Origin) -> OutputPage:
     assert offset is not None
     assert limit is not None
     return OutputPage(
-        status=_state(obj, origin),
-        lines=_int(obj, "lines", origin),
-        offset=offset,
-        limit=limit,
-        has_more=has_more,
-        output=output,
-        config=_mapping(obj, origin),
-        error=_str(obj, "error", origin),
-        job_id=_job_id(obj, origin),
-        progress_percent=_number(obj, "progress_percent", origin),
-        total_expected=_int(obj, "total_expected", origin),
-        raw=MappingProxyType(obj),
+        offset=offset, limit=limit, has_more=has_more, output=output, **_job_fields(obj, origin)
     )
 
 

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import anyio
@@ -36,6 +36,7 @@ from breadasync._errors import (
 )
 from breadasync._fanout import TargetLike, TargetRef, normalise_targets
 from breadasync._models import JobState, JobStatus
+from breadasync._results import Results
 from breadasync._validation import MAX_PAGE_SIZE, check_name
 from breadasync._version import __version__
 
@@ -170,40 +171,14 @@ class ExportProgress:
 ProgressCallback = Callable[[ExportProgress], Any]
 
 
-class ExportResults(Sequence[ExportResult]):
+class ExportResults(Results[ExportResult]):
     """One :class:`ExportResult` per target of :meth:`BreadClient.export_many`, in input
     order."""
-
-    def __init__(self, results: list[ExportResult]) -> None:
-        self._results = results
-
-    @overload
-    def __getitem__(self, index: int) -> ExportResult: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[ExportResult]: ...
-    def __getitem__(self, index: int | slice) -> ExportResult | Sequence[ExportResult]:
-        return self._results[index]
-
-    def __len__(self) -> int:
-        return len(self._results)
-
-    def __iter__(self) -> Iterator[ExportResult]:
-        return iter(self._results)
 
     @property
     def rows(self) -> int:
         """Rows exported, all targets together."""
         return sum(r.rows for r in self._results)
-
-    def failures(self) -> list[ExportResult]:
-        """The targets whose export failed."""
-        return [r for r in self._results if r.error is not None]
-
-    def raise_for_failures(self) -> None:
-        """Raise the first failure's error, if any."""
-        for result in self._results:
-            if result.error is not None:
-                raise result.error
 
 
 def hive_segment(key: str, value: str) -> str:
