@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC_MODULES = ["breadasync", "breadasync.emulator"]
+PUBLIC_MODULES = ["breadasync", "breadasync.emulator", "breadasync.export"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -224,7 +224,6 @@ class Transport:
         json_body: Any = None,
         user_id: str | None = None,
         timeouts: Timeouts | None = None,
-        retry: RetryPolicy | None = None,
         idempotency_key: str | None = None,
     ) -> Response:
         """Send a request, retrying per the policy, and return the 2xx answer.
@@ -236,7 +235,7 @@ class Transport:
         """
         url, shown = self.url_for(path, params)
         timeouts = timeouts or self.timeouts
-        policy = retry or self.retry
+        policy = self.retry
         headers: dict[str, str] = {}
         if user_id:
             headers["X-User-Id"] = user_id
