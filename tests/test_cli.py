@@ -196,8 +196,9 @@ def test_export_one_and_many(bread_emulator: Emulator, tmp_path: Path) -> None:
     assert one.returncode == 0, one.stderr
     result = as_json(one)
     assert result["rows"] == 2500
-    assert [Path(f).parent for f in result["targets"][0]["files"]] == [tmp_path / "one"]
-    assert batch_to_rows(pq.read_table(tmp_path / "one")) == bread_emulator.trajectories("r", "a")
+    folder = tmp_path / "one" / "repo=r" / "target=a"  # the dataset layout, even for one
+    assert [Path(f).parent for f in result["targets"][0]["files"]] == [folder]
+    assert batch_to_rows(pq.read_table(folder)) == bread_emulator.trajectories("r", "a")
 
     many = run(
         "export",
@@ -223,7 +224,7 @@ def test_export_user_errors_are_one_clear_line(bread_emulator: Emulator, tmp_pat
     out = str(tmp_path / "out")
     cases = [
         (["--target", "ghost"], 1, "404 Not Found: Target not found"),
-        (["--target", "running"], 1, "pass allow_partial=True"),
+        (["--target", "running"], 1, "--allow-partial on the command line"),
     ]
     for extra, code, text in cases:
         done = run("export", "--repo", "r", "--out", out, *extra, emulator=bread_emulator)
@@ -345,7 +346,8 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     child = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    journal = out / "_journal.jsonl"
+    folder = out / "repo=r" / "target=t"
+    journal = folder / "_journal.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:
         if journal.exists() and len(journal.read_bytes().splitlines()) >= 1 + 1:
@@ -357,8 +359,8 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     assert "interrupted: the parts already written are kept" in stderr
     assert "run the same command again to resume" in stderr
     assert "Traceback" not in stderr
-    assert not (out / "_manifest.json").exists()
-    assert not list(out.glob(".part-*"))
+    assert not (folder / "_manifest.json").exists()
+    assert not list(folder.glob(".part-*"))
     kept = len(journal.read_bytes().splitlines()) - 1
     assert kept >= 1
 
@@ -379,7 +381,7 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     assert again.returncode == 0, again.stderr
     result = as_json(again)["targets"][0]
     assert result["parts_reused"] == kept
-    assert batch_to_rows(pq.read_table(out)) == bread_emulator.trajectories("r", "t")
+    assert batch_to_rows(pq.read_table(folder)) == bread_emulator.trajectories("r", "t")
 
 
 # --- output modes --------------------------------------------------------------------------

@@ -652,3 +652,16 @@ def test_no_api_key_in_any_export_file(bread_emulator: Emulator, tmp_path: Path)
     assert all(key not in p.read_bytes() for p in files)
     started = time.monotonic()
     assert time.monotonic() - started < 1
+
+
+@frozen
+async def test_one_target_and_a_dataset_never_share_a_folder(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "a", rows=100, rollout="complete")
+    await exporter.export_rollout("a", repo_name="r", dest=tmp_path / "single")
+    with pytest.raises(ExportMismatchError, match="holds the export of a single target"):
+        await exporter.export_many(["a"], repo_name="r", dest=tmp_path / "single")
+    await exporter.export_many(["a"], repo_name="r", dest=tmp_path / "dataset")
+    with pytest.raises(ExportMismatchError, match="holds a dataset of several targets"):
+        await exporter.export_rollout("a", repo_name="r", dest=tmp_path / "dataset")

@@ -112,8 +112,6 @@ def test_the_pytest_example(tmp_path: Path) -> None:
             "-p",
             "no:cacheprovider",
             str(test_file),
-            "-o",
-            "asyncio_mode=auto",
         ],
         capture_output=True,
         text=True,

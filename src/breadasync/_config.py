@@ -222,7 +222,8 @@ def resolve_base_url(base_url: str | None, *, allow_insecure_http: bool) -> URL:
     if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
         raise ConfigError(
             f"base_url {raw!r} uses plain http to a host that is not loopback, which would "
-            "send the API key unencrypted; use https, or pass allow_insecure_http=True"
+            "send the API key unencrypted; use https, or allow it explicitly "
+            "(allow_insecure_http=True; --allow-insecure-http on the command line)"
         )
     return url.with_path(url.path.rstrip("/"))
 

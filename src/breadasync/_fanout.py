@@ -133,7 +133,8 @@ class FanoutSummary:
         ):
             if count:
                 parts.append(f"{count} {label}")
-        return f"{self.total} targets: {', '.join(parts)} ({self.lines:,} lines)"
+        noun = "target" if self.total == 1 else "targets"
+        return f"{self.total} {noun}: {', '.join(parts)} ({self.lines:,} lines)"
 
 
 class RolloutResults(Results[RolloutResult]):

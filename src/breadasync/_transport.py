@@ -260,6 +260,10 @@ class Transport:
                 self._concurrency.release(slot)
             if isinstance(outcome, Response):
                 self._concurrency.succeeded()
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "%s %s -> %d (%d bytes)", method, shown, outcome.status, len(outcome.body)
+                    )
                 return outcome
             error = outcome
             retryable = False
@@ -275,7 +279,11 @@ class Transport:
                         self._pause.hold(retry_after)
             elif isinstance(error, APIConnectionError):
                 retryable = not self._closed
-            if not retryable or attempt >= policy.max_retries:
+            if not retryable:
+                # A permanent answer: earlier transient failures do not make it "given up".
+                error.attempts = attempt + 1
+                raise error
+            if attempt >= policy.max_retries:
                 raise _gave_up(error, attempt + 1)
             if retry_after is not None and retry_after > policy.max_retry_after:
                 raise _gave_up(

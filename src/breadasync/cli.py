@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     loudness = common.add_mutually_exclusive_group()
     loudness.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log requests and retries to stderr"
+        "-v", "--verbose", action="count", default=0, help="log each request and retry to stderr"
     )
     loudness.add_argument("-q", "--quiet", action="store_true", help="no progress, only the result")
     service = argparse.ArgumentParser(add_help=False, parents=[common])
@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
         "--base-url", help="the service (default: $BREAD_BASE_URL, then the public API)"
     )
     service.add_argument("--api-key", help="the API key (default: $BREAD_API_KEY)")
+    service.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="allow a plain-http --base-url to a host that is not loopback (sends the key "
+        "unencrypted)",
+    )
     service.add_argument(
         "--max-retries",
         type=_int_within(0, 100),
@@ -164,9 +170,9 @@ def _parser() -> argparse.ArgumentParser:
         "export",
         parents=[service],
         help="export rollout output to Parquet",
-        description="Export the rollout output of one or more targets to Parquet. One target "
-        "goes straight into --out; several make a dataset --out/repo=R/target=T/. An "
-        "interrupted export resumes where it stopped when run again.",
+        description="Export the rollout output of one or more targets to Parquet, as a dataset "
+        "--out/repo=R/target=T/part-*.parquet. An interrupted export resumes where it stopped "
+        "when run again.",
     )
     export.add_argument("--repo", required=True, help="the repo of the targets")
     export.add_argument(
@@ -277,7 +283,13 @@ class Ui:
 def _client(args: argparse.Namespace, **kwargs: Any) -> Any:
     from ._client import BreadClient
 
-    return BreadClient(args.api_key, args.base_url, max_retries=args.max_retries, **kwargs)
+    return BreadClient(
+        args.api_key,
+        args.base_url,
+        max_retries=args.max_retries,
+        allow_insecure_http=args.allow_insecure_http,
+        **kwargs,
+    )
 
 
 # --- rollout -------------------------------------------------------------------------------
@@ -476,8 +488,6 @@ def _export_table(results: Any) -> tuple[list[dict[str, Any]], Table]:
 
 
 async def cmd_export(args: argparse.Namespace, ui: Ui) -> int:
-    from .export import ExportResults
-
     options = {
         "page_size": args.page_size,
         "concurrency": args.concurrency,
@@ -487,16 +497,17 @@ async def cmd_export(args: argparse.Namespace, ui: Ui) -> int:
     }
     async with _client(args) as client:
         with ui.progress(rate=True) as progress:
-            view = ExportView(progress)
-            if len(args.targets) == 1:
-                one = await client.export_rollout(
-                    args.targets[0], repo_name=args.repo, dest=args.out, on_progress=view, **options
-                )
-                results = ExportResults([one])
-            else:
-                results = await client.export_many(
-                    args.targets, repo_name=args.repo, dest=args.out, on_progress=view, **options
-                )
+            # Always the dataset layout (--out/repo=R/target=T/), so one folder can take one
+            # target today and more tomorrow without mixing layouts.
+            results = await client.export_many(
+                args.targets,
+                repo_name=args.repo,
+                dest=args.out,
+                on_progress=ExportView(progress),
+                **options,
+            )
+    if len(results) == 1 and results[0].error is not None:
+        raise results[0].error  # one target: its error is the command's, on one line
     rows, table = _export_table(results)
     failures = results.failures()
     out = args.out_abs
@@ -625,10 +636,21 @@ async def cmd_emulator(args: argparse.Namespace, ui: Ui) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        targets = emulator.targets()
         if args.json:
-            line = {"url": url, "api_key": emulator.api_key, "dialect": emulator.dialect}
+            line = {
+                "url": url,
+                "api_key": emulator.api_key,
+                "dialect": emulator.dialect,
+                "targets": targets,
+            }
             print(orjson.dumps(line).decode(), flush=True)
         else:
+            if targets:
+                shown = ", ".join(targets[:5])
+                if len(targets) > 5:
+                    shown += f" and {len(targets) - 5} more"
+                print(f"Serving {len(targets)} target(s) from the scenario: {shown}", flush=True)
             print(
                 f"Bread emulator ({emulator.dialect} dialect) listening on {url}\n"
                 f"  export BREAD_BASE_URL={url}\n"

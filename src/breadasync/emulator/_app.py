@@ -342,10 +342,12 @@ class Emulator:
         """Make starting any job answer 402 (or stop doing so)."""
         self.out_of_credit = value
 
-    def targets(self, repo: str) -> list[str]:
-        """The names of the targets of ``repo``."""
+    def targets(self, repo: str | None = None) -> list[str]:
+        """The names of the targets of ``repo``; without one, every ``repo/target``."""
         with self._lock:
-            return sorted(self._repos.get(repo, {}))
+            if repo is not None:
+                return sorted(self._repos.get(repo, {}))
+            return sorted(f"{r}/{t}" for r, targets in self._repos.items() for t in targets)
 
     def job(self, repo: str, target: str, kind: Literal["stim", "rollout"] = "rollout") -> JobView:
         """A target's job as it is now (``not_started`` if none)."""

@@ -317,21 +317,21 @@ async def _thread(func: Any, *args: Any) -> Any:
 
 def _unfinished(target: TargetRef, job: JobStatus, dest: str) -> UnfinishedJobError:
     lines = f"{job.lines:,}" if job.lines is not None else "no"
+    partial = "allow a partial export (allow_partial=True; --allow-partial on the command line)"
     if job.status is JobState.FAILED:
         why = (
-            f"failed ({job.error or 'no reason given'}) after {lines} lines; pass "
-            "allow_partial=True to export the lines it produced"
+            f"failed ({job.error or 'no reason given'}) after {lines} lines; to keep the "
+            f"lines it produced, {partial}"
         )
     elif job.status is JobState.NOT_STARTED:
         why = (
-            "has not been started; start it with client.targets.rollout.run(...) "
-            "(its stim job must be complete first)"
+            "has not been started; start it with client.targets.rollout.run(...) or "
+            "'breadasync rollout' (its stim job must be complete first)"
         )
     else:
         why = (
-            f"is {job.status} ({lines} lines so far); wait for it with "
-            "client.targets.rollout.wait(...), or pass allow_partial=True to export the "
-            "lines so far"
+            f"is {job.status} ({lines} lines so far); wait for it (client.targets.rollout."
+            f"wait(...) or 'breadasync rollout'), or {partial}"
         )
     return UnfinishedJobError(f"cannot export {target}: its rollout {why}", dest=dest)
 
@@ -437,6 +437,12 @@ class Exporter:
         self, store: LocalDestination, plan: ExportPlan
     ) -> tuple[list[PartRecord], list[Part]]:
         """Decide which parts on disk to keep; start (or continue) the journal."""
+        if any(store.path.glob("repo=*")):
+            raise ExportMismatchError(
+                f"{str(store.path)!r} holds a dataset of several targets (repo=... folders); "
+                "export one target into a folder of its own, or use export_many on this one",
+                dest=str(store.path),
+            )
         wanted = _identity(plan)
         manifest = store.read_json(MANIFEST)
         journal = store.read_journal()
@@ -605,6 +611,15 @@ class Exporter:
         store.remove("_journal.jsonl")
 
 
+def _refuse_single_export(root: LocalDestination) -> None:
+    if root.read_json(MANIFEST) is not None or root.read_journal() or root.part_names():
+        raise ExportMismatchError(
+            f"{str(root.path)!r} holds the export of a single target; a dataset of several "
+            "targets (repo=R/target=T/ folders) needs a folder of its own",
+            dest=str(root.path),
+        )
+
+
 async def export_many(
     exporter: Exporter,
     targets: Iterable[TargetLike],
@@ -624,6 +639,7 @@ async def export_many(
         )
     root = LocalDestination(dest)
     await _thread(root.prepare)
+    await _thread(_refuse_single_export, root)
     unique = list(dict.fromkeys(refs))
     results: dict[TargetRef, ExportResult] = {}
     slots = anyio.CapacityLimiter(target_concurrency)
