@@ -40,9 +40,9 @@ from ._version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 READ_HINT = (
-    "Read it with pandas:  pandas.read_parquet('{out}')\n"
-    "or DuckDB:            duckdb.sql(\"SELECT * FROM read_parquet('{out}/**/*.parquet', "
-    'hive_partitioning=true)")'
+    "Read it with pandas (pip install pandas): pandas.read_parquet('{out}')\n"
+    'or DuckDB (pip install duckdb):           duckdb.sql("SELECT * FROM read_parquet('
+    "'{out}/**/*.parquet', hive_partitioning=true)\")"
 )
 DEMO_REPO = "demo_repo"
 DEMO_TARGETS = {  # name -> (stimuli, trajectories per stimulus)
