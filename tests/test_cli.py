@@ -328,7 +328,7 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     bread_emulator.add_target("r", "t", rows=60_000, rollout="complete")
     bread_emulator.set_faults(Faults(latency=0.1), repo="r", target="t")
     out = tmp_path / "out"
-    env = cli_env(bread_emulator)
+    env = cli_env(BREAD_BASE_URL=bread_emulator.url or "")
     argv = [
         str(SCRIPT),
         "export",
@@ -342,6 +342,8 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
         "2",
         "--rows-per-part",
         "5000",
+        "--api-key",  # on the command line: the resume hint must not show it
+        bread_emulator.api_key,
     ]
     child = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -358,6 +360,8 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     assert child.returncode == 130, stderr
     assert "interrupted: the parts already written are kept" in stderr
     assert "run the same command again to resume" in stderr
+    assert "--api-key '***'" in stderr
+    assert bread_emulator.api_key not in stderr
     assert "Traceback" not in stderr
     assert not (folder / "_manifest.json").exists()
     assert not list(folder.glob(".part-*"))

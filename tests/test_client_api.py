@@ -213,3 +213,15 @@ async def test_unknown_states_and_fields_are_kept(client: BreadClient) -> None:
     assert status.status == "cancelled"
     assert not status.is_terminal
     assert status.raw["shard"] == 7
+
+
+async def test_a_bad_poll_timeout_is_refused_before_the_job_starts(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    from breadasync import InvalidArgumentError
+
+    bread_emulator.add_target("r", "t")
+    with pytest.raises(InvalidArgumentError, match="poll_timeout"):
+        await client.targets.rollout.run("t", repo_name="r", poll_timeout=0)
+    assert bread_emulator.stats.count() == 0
+    assert bread_emulator.stats.jobs_started() == 0

@@ -348,3 +348,20 @@ async def test_a_key_echoed_by_the_server_is_scrubbed(
         await client.targets.get("t", repo_name="r")
     assert "Authorization: Bearer ***" in str(caught.value)
     assert_no_key(caught.value, bread_emulator.api_key)
+
+
+@pytest.mark.parametrize("kind", ["echo"])
+async def test_a_key_echoed_in_a_broken_answer_is_scrubbed(
+    client: BreadClient, bread_emulator: Emulator, kind: str
+) -> None:
+    bread_emulator.add_target("r", "t", rows=3, rollout="complete")
+    bread_emulator.set_faults(Faults(corrupt=1.0, corrupt_kind=kind))  # type: ignore[arg-type]
+    for call in (
+        client.targets.rollout.get("t", repo_name="r"),
+        client.targets.rollout.get_output("t", repo_name="r"),
+    ):
+        with pytest.raises(ProtocolError) as caught:
+            await call
+        assert "Bearer ***" in caught.value.excerpt + str(caught.value)
+        assert_no_key(caught.value, bread_emulator.api_key)
+        assert bread_emulator.api_key not in caught.value.excerpt

@@ -247,3 +247,14 @@ async def test_requests_per_second_limit(
     assert elapsed >= 19 / 50 * 0.95
     stamps = sorted(r.started for r in target.stats.records())
     assert stamps[-1] - stamps[0] >= 19 / 50 * 0.9
+
+
+async def test_no_attempt_outlives_the_total_timeout(
+    make_client: Callable[..., BreadClient], target: Emulator
+) -> None:
+    target.set_faults(Faults(latency=5))
+    client = make_client(timeout=Timeouts(request=60, total=0.4))
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError):
+        await client.targets.rollout.get("t", repo_name="r")
+    assert time.monotonic() - started < 1.5

@@ -665,3 +665,38 @@ async def test_one_target_and_a_dataset_never_share_a_folder(
     await exporter.export_many(["a"], repo_name="r", dest=tmp_path / "dataset")
     with pytest.raises(ExportMismatchError, match="holds a dataset of several targets"):
         await exporter.export_rollout("a", repo_name="r", dest=tmp_path / "dataset")
+
+
+@frozen
+async def test_a_broken_page_echoing_the_key_is_scrubbed(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=2000, rollout="complete")
+    bread_emulator.set_faults(
+        Faults(corrupt=1.0, corrupt_kind="echo", routes=frozenset({"get_rollout_output"}))
+    )
+    with pytest.raises(ProtocolError) as caught:
+        await exporter.export_rollout("t", repo_name="r", dest=tmp_path)
+    assert bread_emulator.api_key not in str(caught.value) + caught.value.excerpt
+
+
+@frozen
+async def test_a_cancelled_export_lets_go_of_its_folder(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "t", rows=20_000, rollout="complete")
+    bread_emulator.set_faults(Faults(latency=0.05), repo="r", target="t")
+    with anyio.move_on_after(0.3):
+        await exporter.export_rollout("t", repo_name="r", dest=tmp_path, concurrency=2)
+    bread_emulator.set_faults(None, repo="r", target="t")
+    result = await exporter.export_rollout("t", repo_name="r", dest=tmp_path)  # not locked
+    assert result.rows == 20_000
+
+
+@frozen
+async def test_batches_stay_finished(exporter: BreadClient, bread_emulator: Emulator) -> None:
+    bread_emulator.add_target("r", "t", rows=10, rollout="complete")
+    batches = exporter.iter_rollout_batches("t", repo_name="r")
+    assert [b.num_rows async for b in batches] == [10]
+    with pytest.raises(StopAsyncIteration):
+        await batches.__anext__()

@@ -323,3 +323,12 @@ async def test_concurrency_bound_and_prompt_cancellation(
     await quiet(bread_emulator)
     await anyio.sleep(0.3)  # after a cancel, no poll may follow: watch a while for one
     assert fan_client.stats.requests == sent
+
+
+@sped_up
+async def test_fail_fast_with_a_total_timeout_raises_the_timeout(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "endless", plan=TargetPlan(rollout_seconds=10**6))
+    with pytest.raises(PollTimeoutError, match="total_timeout"):
+        await fan_client.rollout_many(["endless"], repo_name="r", total_timeout=0.3, fail_fast=True)

@@ -101,3 +101,31 @@ def test_backoff_is_exponential_capped_jittered_and_floored() -> None:
         base = min(8, 0.5 * 2**n)
         assert base * 0.75 <= wait <= base
     assert backoff(policy, 0, 5.0, rng) == 5.0
+
+
+def test_a_stalled_estimate_ages_by_reading_and_then_stops_guiding() -> None:
+    schedule = PollSchedule(PollPolicy(initial=10, maximum=30, minimum=0.25, jitter=0))
+    schedule.observe(running(0), 0)
+    schedule.next_delay()
+    schedule.observe(running(10), 100)  # 0.1 %/s: 900 s to go
+    for now in (200, 300, 400):  # no progress since
+        schedule.observe(running(10), now)
+    assert schedule.next_delay() == pytest.approx(min(15, 600 * 1.05))
+    for now in range(500, 1300, 100):
+        schedule.observe(running(10), now)
+    # The estimate has passed without the job finishing: plain backoff, not 4 polls a second.
+    assert schedule.next_delay() > 1
+
+
+async def test_a_cut_counts_requests_that_leave_after_it() -> None:
+    from breadasync._limits import AdaptiveConcurrency
+
+    limiter = AdaptiveConcurrency(8)
+    early = await limiter.acquire()
+    limiter.pushed_back(early)  # cut: 8 -> 4
+    late = await limiter.acquire()  # queued or not, it leaves after the cut
+    limiter.pushed_back(late)  # so it cuts again: 4 -> 2
+    assert limiter.limit == 2
+    assert limiter.cuts == 2
+    limiter.release(early)
+    limiter.release(late)

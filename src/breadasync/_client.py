@@ -25,7 +25,14 @@ from ._config import (
     resolve_api_key,
     resolve_base_url,
 )
-from ._errors import ConfigError, InvalidArgumentError, JobError, JobFailedError, PollTimeoutError
+from ._errors import (
+    ConfigError,
+    InvalidArgumentError,
+    JobError,
+    JobFailedError,
+    PollTimeoutError,
+    ProtocolError,
+)
 from ._fanout import (
     AsCompleted,
     Fanout,
@@ -48,8 +55,15 @@ from ._models import (
     parse_target_list,
 )
 from ._polling import PollSchedule
-from ._transport import ClientStats, Response, Transport, decode_json, encode_segment
-from ._validation import check_limit, check_name, check_offset, check_user_id
+from ._transport import ClientStats, Response, Transport, decode_json
+from ._validation import (
+    check_limit,
+    check_name,
+    check_offset,
+    check_user_id,
+    repo_path,
+    target_path,
+)
 from .export._exporter import (
     BatchStream,
     Compression,
@@ -483,19 +497,18 @@ class BreadClient:
             timeouts=None if timeout is NOT_GIVEN else Timeouts.of(timeout),
             idempotency_key=idempotency_key,
         )
-        data = decode_json(response.body, method=method, path=response.path, status=response.status)
-        return parse(data, Origin(method, response.path, response.status))
+        try:
+            data = decode_json(
+                response.body, method=method, path=response.path, status=response.status
+            )
+            return parse(data, Origin(method, response.path, response.status))
+        except ProtocolError as exc:
+            raise self._transport.scrubbed(exc) from None
 
     def _user(self, user_id: str | NotGiven | None) -> str | None:
         if user_id is NOT_GIVEN:
             return self.user_id
         return check_user_id(user_id)
-
-
-def _target_path(repo_name: Any, target_name: Any, *rest: str) -> str:
-    repo = encode_segment(check_name(repo_name, "repo_name"))
-    target = encode_segment(check_name(target_name, "target_name"))
-    return "/".join(("/v1/repo", repo, "targets", target, *rest))
 
 
 class Targets:
@@ -525,7 +538,7 @@ class Targets:
             ConflictError: The target exists with a different config (targets are immutable).
             UnprocessableEntityError: An override has the wrong type or range.
         """
-        repo = encode_segment(check_name(repo_name, "repo_name"))
+        path = repo_path(repo_name)
         check_name(target_name, "target_name")
         check_name(template, "template")
         if overrides is not None and not isinstance(overrides, Mapping):
@@ -537,7 +550,7 @@ class Targets:
             body["overrides"] = dict(overrides)
         return await self._client._call(
             "POST",
-            f"/v1/repo/{repo}/targets",
+            path,
             parse_target,
             body=body,
             user_id=user_id,
@@ -560,7 +573,7 @@ class Targets:
         """
         return await self._client._call(
             "GET",
-            _target_path(repo_name, target_name),
+            target_path(repo_name, target_name),
             parse_target,
             user_id=user_id,
             timeout=timeout,
@@ -578,10 +591,9 @@ class Targets:
         Raises:
             NotFoundError: No such repo.
         """
-        repo = encode_segment(check_name(repo_name, "repo_name"))
         return await self._client._call(
             "GET",
-            f"/v1/repo/{repo}/targets",
+            repo_path(repo_name),
             parse_target_list,
             user_id=user_id,
             timeout=timeout,
@@ -631,7 +643,9 @@ class _Jobs:
             BadRequestError: A prerequisite is missing (stim not complete, no ``model_name``).
             PaymentRequiredError: No credit left.
         """
-        path = _target_path(repo_name, target_name, self._kind)
+        path = target_path(repo_name, target_name, self._kind)
+        if poll:
+            _check_poll_timeout(poll_timeout)  # before anything is sent
         status = await self._client._call(
             "POST",
             path,
@@ -668,7 +682,7 @@ class _Jobs:
         """
         return await self._client._call(
             "GET",
-            _target_path(repo_name, target_name, self._kind),
+            target_path(repo_name, target_name, self._kind),
             parse_job,
             user_id=user_id,
             timeout=timeout,
@@ -703,7 +717,7 @@ class _Jobs:
             params["offset"] = check_offset(offset)
         return await self._client._call(
             "GET",
-            _target_path(repo_name, target_name, self._kind, "output"),
+            target_path(repo_name, target_name, self._kind, "output"),
             parse_page,
             params=params,
             user_id=user_id,
@@ -754,8 +768,7 @@ class _Jobs:
         user_id: str | NotGiven | None,
         timeout: float | Timeouts | NotGiven,
     ) -> JobStatus:
-        if poll_timeout is not None and not poll_timeout > 0:
-            raise InvalidArgumentError(f"poll_timeout must be > 0 seconds, got {poll_timeout!r}")
+        _check_poll_timeout(poll_timeout)
         policy = self._client.poll_policy if poll_policy is NOT_GIVEN else poll_policy
         schedule = PollSchedule(policy)
         started = anyio.current_time()
@@ -805,6 +818,11 @@ class _Jobs:
                 job=status,
             )
         return status
+
+
+def _check_poll_timeout(poll_timeout: float | None) -> None:
+    if poll_timeout is not None and not poll_timeout > 0:
+        raise InvalidArgumentError(f"poll_timeout must be > 0 seconds, got {poll_timeout!r}")
 
 
 class Stim(_Jobs):

@@ -57,7 +57,8 @@ class Timeouts:
         read: Seconds to wait for the next bytes of an answer (default 60).
         request: Seconds for one whole attempt, headers and body (default 120): a drip-fed
             body resets ``read`` forever, so only this bounds it.
-        total: Seconds for a call across all its retries (default 600; ``None``: no bound).
+        total: Seconds for a call across all its retries (default 600; ``None``: no bound):
+            no attempt outlives it, and no retry starts that would.
     """
 
     connect: float = 5.0

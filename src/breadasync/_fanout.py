@@ -286,11 +286,12 @@ class Fanout:
             self._scope = scope
             async with anyio.create_task_group() as tg:
                 await self._dispatch(tg)
-        if self._fatal is not None:
+        if self._fatal is None:
+            for entry in self._entries.values():
+                if not entry.done:
+                    self._timeout(entry, f"total_timeout={self._total_timeout} s")
+        if self._fatal is not None:  # a failure, or (fail_fast) a timeout just recorded
             raise self._fatal
-        for entry in self._entries.values():
-            if not entry.done:
-                self._timeout(entry, f"total_timeout={self._total_timeout} s")
 
     async def _dispatch(self, tg: TaskGroup) -> None:
         heap = self._heap

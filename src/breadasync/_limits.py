@@ -45,8 +45,11 @@ class AdaptiveConcurrency:
 
     async def acquire(self) -> Slot:
         """Wait for room; the returned slot must be released."""
-        slot = Slot(self._generation)
+        slot = Slot(-1)
         await self._limiter.acquire_on_behalf_of(slot)
+        # Stamped as the request leaves, not when it started waiting: a request queued
+        # before a cut but sent after it is fresh evidence.
+        slot.generation = self._generation
         return slot
 
     def release(self, slot: Slot) -> None:
@@ -78,7 +81,6 @@ class RateLimiter:
     """Spaces requests at least ``1/rate`` seconds apart, across every task of a client."""
 
     def __init__(self, rate: float) -> None:
-        self.rate = rate
         self._interval = 1.0 / rate
         self._next = -math.inf
 

@@ -18,19 +18,21 @@ class PollSchedule:
     after it completes without polling a long job often. Jitter spreads many schedules apart.
     """
 
-    __slots__ = ("_eta", "_interval", "_last", "_rng", "policy", "polls")
+    __slots__ = ("_eta", "_interval", "_last", "_read_at", "_rng", "policy", "polls")
 
     def __init__(self, policy: PollPolicy, rng: random.Random | None = None) -> None:
         self.policy = policy
         self.polls = 0
         self._interval: float | None = None
         self._last: tuple[float, float] | None = None
+        self._read_at: float | None = None
         self._eta: float | None = None
         self._rng = rng or random.Random()
 
     def observe(self, status: JobStatus, now: float) -> None:
         """Record a status read at time ``now`` (seconds, any monotonic clock)."""
         progress = status.progress
+        previous_read, self._read_at = self._read_at, now
         if progress is None:
             self._eta = None
             return
@@ -38,9 +40,11 @@ class PollSchedule:
         if last is not None and progress > last[1] and now > last[0]:
             rate = (progress - last[1]) / (now - last[0])
             self._eta = (100.0 - progress) / rate
-        elif last is not None and progress <= last[1]:
-            # No progress since the last reading: the old estimate may still hold, aged.
-            self._eta = None if self._eta is None else max(0.0, self._eta - (now - last[0]))
+        elif self._eta is not None and previous_read is not None:
+            # No progress since the last reading: the estimate still holds, aged by the time
+            # since that reading; once it has passed, it no longer guides the next poll.
+            remaining = self._eta - (now - previous_read)
+            self._eta = remaining if remaining > 0 else None
         if last is None or progress != last[1]:
             self._last = (now, progress)
 

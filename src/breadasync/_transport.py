@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 import anyio
@@ -76,6 +76,7 @@ class ClientStats:
         throttled: Answers that asked the client to slow down (429, 503).
         bytes_received: Body bytes read.
         concurrency_limit: Requests allowed in flight now (shrinks under backpressure).
+        concurrency_cuts: How many times backpressure halved ``concurrency_limit``.
         max_concurrency: The configured ceiling of ``concurrency_limit``.
         in_flight: Requests in flight now.
     """
@@ -87,13 +88,9 @@ class ClientStats:
     throttled: int = 0
     bytes_received: int = 0
     concurrency_limit: int = 0
+    concurrency_cuts: int = 0
     max_concurrency: int = 0
     in_flight: int = 0
-
-
-def encode_segment(value: str) -> str:
-    """Percent-encode one path segment: ``/``, ``?``, ``#``, ``%`` and the rest included."""
-    return quote(value, safe="")
 
 
 class Transport:
@@ -149,6 +146,7 @@ class Transport:
             throttled=s.throttled,
             bytes_received=s.bytes_received,
             concurrency_limit=self._concurrency.limit,
+            concurrency_cuts=self._concurrency.cuts,
             max_concurrency=self._concurrency.maximum,
             in_flight=self._concurrency.in_flight,
         )
@@ -156,6 +154,13 @@ class Transport:
     def scrub(self, text: str) -> str:
         """``text`` with the API key replaced, should the service have echoed it."""
         return text.replace(self._key, "***") if self._key in text else text
+
+    def scrubbed(self, error: ProtocolError) -> ProtocolError:
+        """``error`` with the API key replaced in its texts: a broken answer may echo it."""
+        error.message = self.scrub(error.message)
+        error.args = (error.message,)
+        error.excerpt = self.scrub(error.excerpt)
+        return error
 
     def _scrub_bytes(self, body: bytes) -> bytes:
         key = self._key.encode()
@@ -254,8 +259,17 @@ class Transport:
             if self._rate is not None:
                 await self._rate.wait()
             slot = await self._concurrency.acquire()
+            attempt_timeout = client_timeout
+            remaining = deadline - anyio.current_time()
+            if remaining < (client_timeout.total or math.inf):
+                # No attempt may outlive the call's total timeout.
+                attempt_timeout = aiohttp.ClientTimeout(
+                    total=max(remaining, 0.001),
+                    connect=client_timeout.connect,
+                    sock_read=client_timeout.sock_read,
+                )
             try:
-                outcome = await self._attempt(method, url, shown, headers, data, client_timeout)
+                outcome = await self._attempt(method, url, shown, headers, data, attempt_timeout)
             finally:
                 self._concurrency.release(slot)
             if isinstance(outcome, Response):
@@ -351,11 +365,11 @@ class Transport:
                 return Response(status, resp.headers, body, method, shown)
         except APIError:
             raise
-        except TimeoutError as exc:
+        except TimeoutError:
             self._stats.connection_errors += 1
             return APITimeoutError(
                 f"{method} {shown}: no complete answer within the timeout "
-                f"({_timeout_text(timeout)}){_cause(exc)}",
+                f"({_timeout_text(timeout)})",
                 method=method,
                 path=shown,
             )
@@ -493,11 +507,6 @@ def _text_excerpt(body: bytes) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def _cause(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f": {text.splitlines()[0]}" if text else ""
 
 
 def _timeout_text(timeout: aiohttp.ClientTimeout) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from ._errors import InvalidArgumentError
 
@@ -57,3 +58,19 @@ def check_user_id(value: Any) -> str | None:
     if not user_id.isascii():
         raise InvalidArgumentError(f"user_id {user_id!r} must be ASCII (it travels in a header)")
     return user_id
+
+
+def encode_segment(value: str) -> str:
+    """Percent-encode one path segment: ``/``, ``?``, ``#``, ``%`` and the rest included."""
+    return quote(value, safe="")
+
+
+def repo_path(repo_name: Any) -> str:
+    """``/v1/repo/{repo}/targets`` for a checked, encoded repo name."""
+    return f"/v1/repo/{encode_segment(check_name(repo_name, 'repo_name'))}/targets"
+
+
+def target_path(repo_name: Any, target_name: Any, *rest: str) -> str:
+    """The path of a target (and of ``rest`` below it), its names checked and encoded."""
+    target = encode_segment(check_name(target_name, "target_name"))
+    return "/".join((repo_path(repo_name), target, *rest))

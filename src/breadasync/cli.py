@@ -677,9 +677,27 @@ COMMANDS = {
 }
 
 
+def _without_key(argv: list[str]) -> list[str]:
+    """The command line with the API key's value hidden, fit to show back."""
+    shown: list[str] = []
+    hide = False
+    for arg in argv:
+        if hide:
+            shown.append("***")
+            hide = False
+        elif arg == "--api-key":
+            shown.append(arg)
+            hide = True
+        elif arg.startswith("--api-key="):
+            shown.append("--api-key=***")
+        else:
+            shown.append(arg)
+    return shown
+
+
 def _interrupted_note(args: argparse.Namespace) -> str:
     if args.command in ("export", "demo"):
-        again = shlex.join(["breadasync", *sys.argv[1:]]) if sys.argv[1:] else "it"
+        again = shlex.join(["breadasync", *_without_key(sys.argv[1:])])
         return (
             "interrupted: the parts already written are kept; run the same command "
             f"again to resume ({again})"

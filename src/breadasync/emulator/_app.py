@@ -640,7 +640,7 @@ class Emulator:
         if corrupt:
             if faults.corrupt_kind == "huge":
                 return await self._write_huge(request), "corrupt"
-            response = self._corrupted(body, faults)
+            response = self._corrupted(body, faults, request)
             body = response.body
             assert isinstance(body, bytes)
         if drop:
@@ -652,8 +652,11 @@ class Emulator:
             return streamed, ("corrupt" if corrupt else None)
         return response, ("corrupt" if corrupt else None)
 
-    def _corrupted(self, body: bytes, faults: Faults) -> web.Response:
+    def _corrupted(self, body: bytes, faults: Faults, request: web.Request) -> web.Response:
         kind = faults.corrupt_kind
+        if kind == "echo":
+            echoed = "\n".join(f"{k}: {v}" for k, v in request.headers.items())
+            return web.Response(text=f"debug proxy saw:\n{echoed}", content_type="text/plain")
         if kind == "html":
             return web.Response(
                 body=b"<html><body><h1>Maintenance</h1></body></html>", content_type="text/html"

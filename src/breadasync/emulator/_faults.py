@@ -9,7 +9,15 @@ from typing import Any, Literal
 
 RetryAfterFormat = Literal["both", "seconds", "http-date", "ms", "none"]
 CorruptKind = Literal[
-    "html", "truncated", "deep", "huge", "wrong-types", "has-more-lies", "overlong", "empty"
+    "html",
+    "truncated",
+    "deep",
+    "huge",
+    "wrong-types",
+    "has-more-lies",
+    "overlong",
+    "empty",
+    "echo",
 ]
 
 ROUTES = frozenset(
@@ -67,7 +75,8 @@ class Faults:
     corrupt_kind: CorruptKind = "html"
     """``html`` (not JSON), ``truncated`` JSON, ``deep`` nesting, a ``huge`` body, fields of
     ``wrong-types``, a ``has_more`` that lies, an ``overlong`` page (one row more than
-    asked) or an ``empty`` page (no rows although ``lines`` says there are)."""
+    asked), an ``empty`` page (no rows although ``lines`` says there are), or an ``echo``
+    of the request's headers as plain text (as a debugging proxy might)."""
     echo_request: bool = False
     """Injected errors echo the request's headers in their message, as a debugging proxy
     might (a client must not repeat the key it finds there)."""

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +43,7 @@ from breadasync._version import __version__
 from ._plan import ExportPlan, Part
 from ._reader import Page, RangeReader
 from ._schema import SCHEMA, SCHEMA_VERSION
-from ._store import MANIFEST, LocalDestination, PartFile, PartRecord, describe_os_error
+from ._store import JOURNAL, MANIFEST, LocalDestination, PartFile, PartRecord, describe_os_error
 
 if TYPE_CHECKING:
     from breadasync._client import BreadClient
@@ -311,6 +311,13 @@ class _Progress:
             )
 
 
+def _pages(plan: ExportPlan, parts: Iterable[Part]) -> Iterator[Page]:
+    """The pages that fetch ``parts``, one at a time (a plan of any size costs nothing)."""
+    for part in parts:
+        for offset, limit in plan.pages(part):
+            yield Page(offset, limit, part.index)
+
+
 async def _thread(func: Any, *args: Any) -> Any:
     return await anyio.to_thread.run_sync(func, *args)
 
@@ -344,14 +351,14 @@ class Exporter:
         client: BreadClient,
         options: ExportOptions,
         user_id: str | NotGiven | None,
-        limiter: anyio.CapacityLimiter | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> None:
         self._client = client
         self._options = options
         self._user_id = user_id
         self._on_progress = on_progress
-        self._limiter = limiter or anyio.CapacityLimiter(options.concurrency)
+        # One limit for every target this exporter handles (export_many shares it).
+        self._limiter = anyio.CapacityLimiter(options.concurrency)
         self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
 
     async def plan(self, target: TargetRef, dest: str) -> tuple[ExportPlan, JobStatus]:
@@ -416,7 +423,9 @@ class Exporter:
             if todo or not await _thread(self._committed, store, plan):
                 await _thread(self._commit, store, plan, job, records, started)
         finally:
-            await _thread(lock.__exit__, None, None, None)
+            # Shielded: a cancelled export must still let go of its folder.
+            with anyio.CancelScope(shield=True):
+                await _thread(lock.__exit__, None, None, None)
         return ExportResult(
             target=target,
             dest=shown,
@@ -487,13 +496,16 @@ class Exporter:
         kept = {r.name for r in keep}
         todo = [p for p in parts if p.name not in kept]
         if not todo and isinstance(manifest, dict) and found is not None and _same(found, wanted):
-            return keep, todo  # a whole, verified export: leave it exactly as it is
-        # The manifest vouches for a whole export: remove it while parts change, so a
-        # reader never sees it beside a part being rewritten.
-        store.remove(MANIFEST)
+            if journal:
+                store.remove(JOURNAL)  # left by a run that died right after its manifest
+            return keep, todo  # a whole, verified export: leave its parts as they are
+        # The journal first (atomically), then the manifest goes: a crash in between
+        # leaves one of them vouching for the parts, never neither. The manifest vouches
+        # for a whole export, so it must not stand beside a part being rewritten.
         store.reset_journal({**wanted, "started": datetime.now(UTC).isoformat()})
         for record in keep:
             store.append_journal(record.to_dict())
+        store.remove(MANIFEST)
         for name in store.part_names() - kept - {p.name for p in parts}:
             store.remove(name)  # parts of an earlier, replaced layout
         return keep, todo
@@ -515,14 +527,11 @@ class Exporter:
         reader: RangeReader,
         progress: _Progress,
     ) -> list[PartRecord]:
-        pages = [
-            Page(offset, limit, part.index) for part in parts for offset, limit in plan.pages(part)
-        ]
         by_index = {part.index: part for part in parts}
         send, receive = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()
         written: list[PartRecord] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(reader.run, pages, send)
+            tg.start_soon(reader.run, _pages(plan, parts), send)
             await self._consume(store, plan, by_index, receive, written, progress)
         return written
 
@@ -608,7 +617,7 @@ class Exporter:
             "breadasync": __version__,
         }
         store.write_json(MANIFEST, manifest)
-        store.remove("_journal.jsonl")
+        store.remove(JOURNAL)
 
 
 def _refuse_single_export(root: LocalDestination) -> None:
@@ -679,6 +688,7 @@ class BatchStream:
         self._receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]] | None = None
         self._task: Any = None
         self._queue: list[pa.RecordBatch] = []
+        self._finished = False
         self.plan: ExportPlan | None = None
         """The plan (lines, status), once iteration began."""
 
@@ -686,20 +696,18 @@ class BatchStream:
         plan, _ = await self._exporter.plan(self._target, "")
         self.plan = plan
         reader = self._exporter.reader(plan)
-        page_size = plan.page_size
-        pages = [
-            Page(offset, min(page_size, plan.lines - offset))
-            for offset in range(0, plan.lines, page_size)
-        ]
+        whole = Part(0, 0, plan.lines)
         send, self._receive = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()
         # A task of its own (not a task group spanning the consumer's awaits): closing the
         # stream, or dropping it, cancels it.
-        self._task = asyncio.ensure_future(reader.run(pages, send))
+        self._task = asyncio.ensure_future(reader.run(_pages(plan, [whole]), send))
 
     def __aiter__(self) -> BatchStream:
         return self
 
     async def __anext__(self) -> pa.RecordBatch:
+        if self._finished:
+            raise StopAsyncIteration
         if self._receive is None:
             await self._start()
         assert self._receive is not None
@@ -713,6 +721,7 @@ class BatchStream:
         return self._queue.pop(0)
 
     async def _finish(self) -> None:
+        self._finished = True
         task, self._task = self._task, None
         if self._receive is not None:
             self._receive.close()
@@ -724,6 +733,7 @@ class BatchStream:
 
     async def aclose(self) -> None:
         """Stop fetching and release everything."""
+        self._finished = True
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()

@@ -6,6 +6,7 @@ exactly what a local export would.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from breadasync._fanout import TargetRef
@@ -56,9 +57,7 @@ class ExportPlan:
             for i, start in enumerate(range(0, self.lines, self.rows_per_part))
         ]
 
-    def pages(self, part: Part) -> list[tuple[int, int]]:
+    def pages(self, part: Part) -> Iterator[tuple[int, int]]:
         """``(offset, limit)`` of the pages that fetch a part (pages never cross parts)."""
-        return [
-            (offset, min(self.page_size, part.stop - offset))
-            for offset in range(part.start, part.stop, self.page_size)
-        ]
+        for offset in range(part.start, part.stop, self.page_size):
+            yield offset, min(self.page_size, part.stop - offset)

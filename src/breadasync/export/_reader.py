@@ -7,7 +7,7 @@ it, and a distributed reader could hand it one range.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,10 +15,11 @@ import anyio
 import pyarrow as pa
 from anyio.streams.memory import MemoryObjectSendStream
 
-from breadasync._errors import DataIntegrityError
+from breadasync._errors import DataIntegrityError, ProtocolError
 from breadasync._fanout import TargetRef
 from breadasync._models import JobState, Origin, parse_page
-from breadasync._transport import decode_json, encode_segment
+from breadasync._transport import decode_json
+from breadasync._validation import target_path
 
 from ._schema import fast_page_to_batch, rows_to_batch
 
@@ -39,13 +40,12 @@ class Page:
 @dataclass(frozen=True, slots=True)
 class _Decoded:
     batch: pa.RecordBatch
-    rows: int
     lines: int | None
     status: JobState
 
 
 def decode_page(
-    body: bytes, method: str, path: str, status: int, offset: int, limit: int, *, fast: bool = True
+    body: bytes, method: str, path: str, status: int, offset: int, limit: int
 ) -> _Decoded:
     """Decode and convert one page (runs in a worker thread).
 
@@ -53,7 +53,7 @@ def decode_page(
     (orjson, then :func:`rows_to_batch`) takes the rest, and reports what is wrong with a
     page that is not a valid one.
     """
-    quick = fast_page_to_batch(body, offset) if fast else None
+    quick = fast_page_to_batch(body, offset)
     if quick is not None:
         batch, lines, state = quick.batch, quick.lines, JobState(quick.status)
     else:
@@ -71,7 +71,7 @@ def decode_page(
             f"{method} {path}: asked for {limit} rows, got {batch.num_rows}; the service sent "
             "more rows than a page may hold"
         )
-    return _Decoded(batch, batch.num_rows, lines, state)
+    return _Decoded(batch, lines, state)
 
 
 class RangeReader:
@@ -82,7 +82,8 @@ class RangeReader:
             must report exactly this; on a partial export it may only grow.
         complete: Whether the job was complete when the export began.
         limiter: Bounds page requests in flight (shared by the targets of one export).
-        decode_limiter: Bounds decoding threads (they hold the GIL: more do not help).
+        decode_limiter: Bounds decoding threads (decoding still needs the GIL at times, so
+            more threads than cores only contend).
         window: Pages fetched ahead of the consumer, at most: memory stays flat.
     """
 
@@ -99,49 +100,48 @@ class RangeReader:
         user_id: str | NotGiven | None,
     ) -> None:
         self._client = client
-        self._target = target
         self._expected = expected_lines
         self._complete = complete
         self._limiter = limiter
         self._decode_limiter = decode_limiter
         self._window = window
         self._user_id = user_id
-        self._path = "/".join(
-            (
-                "/v1/repo",
-                encode_segment(target.repo_name),
-                "targets",
-                encode_segment(target.target_name),
-                "rollout",
-                "output",
-            )
-        )
+        self._path = target_path(target.repo_name, target.target_name, "rollout", "output")
         self.requests = 0
         """Page requests made (a short page costs one more)."""
 
     async def run(
-        self, pages: Sequence[Page], send: MemoryObjectSendStream[tuple[Page, list[pa.RecordBatch]]]
+        self,
+        pages: Iterable[Page],
+        send: MemoryObjectSendStream[tuple[Page, list[pa.RecordBatch]]],
     ) -> None:
-        """Fetch ``pages`` and send ``(page, batches)`` in their order; closes ``send``."""
+        """Fetch ``pages`` and send ``(page, batches)`` in their order; closes ``send``.
+
+        ``pages`` is consumed lazily, and only a window of them is ever in flight or held,
+        so a job of any size costs the same memory.
+        """
         window = anyio.Semaphore(self._window)
-        ready: dict[int, list[pa.RecordBatch]] = {}
-        events = [anyio.Event() for _ in pages]
+        queued_send, queued = anyio.create_memory_object_stream[_InFlight](self._window)
         async with send, anyio.create_task_group() as tg:
 
-            async def fetch(index: int, page: Page) -> None:
-                ready[index] = await self._fetch(page)
-                events[index].set()
+            async def fetch(item: _InFlight) -> None:
+                item.batches = await self._fetch(item.page)
+                item.done.set()
 
             async def deliver() -> None:
-                for index, page in enumerate(pages):
-                    await events[index].wait()
-                    await send.send((page, ready.pop(index)))
-                    window.release()
+                async with queued:
+                    async for item in queued:
+                        await item.done.wait()
+                        await send.send((item.page, item.batches))
+                        window.release()
 
             tg.start_soon(deliver)
-            for index, page in enumerate(pages):
-                await window.acquire()
-                tg.start_soon(fetch, index, page)
+            async with queued_send:
+                for page in pages:
+                    await window.acquire()
+                    item = _InFlight(page)
+                    tg.start_soon(fetch, item)
+                    await queued_send.send(item)
 
     async def _fetch(self, page: Page) -> list[pa.RecordBatch]:
         """The rows of one page, following a short page with a fetch of the rest."""
@@ -154,19 +154,22 @@ class RangeReader:
                     self._path, {"limit": limit, "offset": offset}, self._user_id
                 )
             self.requests += 1
-            decoded = await anyio.to_thread.run_sync(
-                decode_page,
-                response.body,
-                response.method,
-                response.path,
-                response.status,
-                offset,
-                limit,
-                limiter=self._decode_limiter,
-            )
+            try:
+                decoded = await anyio.to_thread.run_sync(
+                    decode_page,
+                    response.body,
+                    response.method,
+                    response.path,
+                    response.status,
+                    offset,
+                    limit,
+                    limiter=self._decode_limiter,
+                )
+            except ProtocolError as exc:
+                raise self._client._transport.scrubbed(exc) from None
             self._check(decoded, response.path, offset)
             batches.append(decoded.batch)
-            offset += decoded.rows
+            offset += decoded.batch.num_rows
         return batches
 
     def _check(self, decoded: _Decoded, path: str, offset: int) -> None:
@@ -185,8 +188,19 @@ class RangeReader:
             raise DataIntegrityError(
                 f"GET {path}: the job's lines fell from {self._expected:,} to {lines:,}"
             )
-        if decoded.rows == 0:
+        if decoded.batch.num_rows == 0:
             raise DataIntegrityError(
                 f"GET {path}: no rows at offset {offset:,} although the job has "
                 f"{lines:,} lines; the export would have a gap"
             )
+
+
+class _InFlight:
+    """A page being fetched: the consumer waits on ``done`` in page order."""
+
+    __slots__ = ("batches", "done", "page")
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.done = anyio.Event()
+        self.batches: list[pa.RecordBatch] = []

@@ -82,11 +82,12 @@ class PartFile:
         """Always true."""
         return True
 
-    def close(self) -> None:
-        """Close the file (pyarrow's writer calls this; commit still needs ``finish``)."""
+    def close(self, *, durable: bool = True) -> None:
+        """Close the file; ``durable`` first syncs it to disk (a part about to be committed)."""
         if not self._file.closed:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if durable:
+                os.fsync(self._file.fileno())
             self._file.close()
 
     def digest(self) -> str:
@@ -223,10 +224,20 @@ class LocalDestination:
             raise describe_os_error(exc, "write", path) from exc
 
     def reset_journal(self, header: dict[str, Any]) -> None:
-        """Start a new journal with ``header`` as its first entry."""
-        self.remove(JOURNAL)
-        self.append_journal(header)
-        self._sync_folder()
+        """Start a new journal with ``header`` as its first entry, atomically: a crash
+        leaves the old journal or the new one, never none."""
+        final = self.path / JOURNAL
+        temp = self.path / f".{JOURNAL}.tmp-{secrets.token_hex(4)}"
+        try:
+            with open(temp, "wb") as file:
+                file.write(orjson.dumps(header) + b"\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, final)
+            self._sync_folder()
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise describe_os_error(exc, "write", final) from exc
 
     def part_names(self) -> set[str]:
         """The part files present (committed or not vouched for)."""
@@ -251,9 +262,9 @@ class LocalDestination:
             raise describe_os_error(exc, "write", part.final) from exc
 
     def discard_part(self, part: PartFile) -> None:
-        """Drop an unfinished part."""
+        """Drop an unfinished part (no need to make it durable first)."""
         with contextlib.suppress(OSError):
-            part.close()
+            part.close(durable=False)
         with contextlib.suppress(OSError):
             part.temp.unlink(missing_ok=True)
 
