@@ -204,7 +204,7 @@ async def variant_ceiling(url: str, key: str, target: str, out: Path) -> dict[st
         for i, body in enumerate(bodies):
             decoded = decode_page(body, "GET", path_shown, 200, i * PAGE, PAGE)
             batches.append(decoded.batch)
-            rows += decoded.rows
+            rows += decoded.batch.num_rows
             if len(batches) == 32:
                 writer.write_table(pa.Table.from_batches(batches, SCHEMA))
                 batches = []
