@@ -517,6 +517,7 @@ async def test_a_full_disk_is_a_clear_error_and_damages_nothing(
         ({"window": 0}, "window"),
         ({"compression": "xz"}, "unknown compression"),
         ({"repo_name": ""}, "repo_name must not be empty"),
+        ({"user_id": "a\nb"}, "user_id .* control character"),
     ],
 )
 async def test_invalid_options_send_nothing(

@@ -151,6 +151,17 @@ async def test_bad_fanout_options(fan_client: BreadClient) -> None:
         await fan_client.rollout_many(["a"], repo_name="r", target_timeout=0)
 
 
+async def test_bad_user_id_fails_the_call_before_any_request(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    # One clear error for the call, not the same error as every target's result.
+    with pytest.raises(InvalidArgumentError, match="user_id must not be empty"):
+        await fan_client.rollout_many(["a", "b"], repo_name="r", user_id="")
+    with pytest.raises(InvalidArgumentError, match="must be ASCII"):
+        await fan_client.wait_many(["a"], repo_name="r", user_id="ünï")
+    assert bread_emulator.stats.count() == 0
+
+
 async def test_no_targets_no_requests(fan_client: BreadClient, bread_emulator: Emulator) -> None:
     results = await fan_client.rollout_many([], repo_name="r")
     assert len(results) == 0

@@ -60,6 +60,7 @@ from ._validation import (
     check_limit,
     check_name,
     check_offset,
+    check_seconds,
     check_user_id,
     repo_path,
     target_path,
@@ -440,13 +441,10 @@ class BreadClient:
         options = ExportOptions(page_size, concurrency, window, allow_partial=allow_partial)
         return BatchStream(Exporter(self, options, user_id), target)
 
-    async def _get_raw(
-        self, path: str, params: Mapping[str, Any], user_id: str | NotGiven | None
-    ) -> Response:
-        """A GET whose body the caller decodes (the exporter, off the event loop)."""
-        return await self._transport.request(
-            "GET", path, params=params, user_id=self._user(user_id)
-        )
+    async def _get_raw(self, path: str, params: Mapping[str, Any], user_id: str | None) -> Response:
+        """A GET whose body the caller decodes (the exporter, off the event loop);
+        ``user_id`` is already resolved (:meth:`_user`)."""
+        return await self._transport.request("GET", path, params=params, user_id=user_id)
 
     async def request(
         self,
@@ -645,7 +643,7 @@ class _Jobs:
         """
         path = target_path(repo_name, target_name, self._kind)
         if poll:
-            _check_poll_timeout(poll_timeout)  # before anything is sent
+            check_seconds(poll_timeout, "poll_timeout")  # before anything is sent
         status = await self._client._call(
             "POST",
             path,
@@ -745,6 +743,7 @@ class _Jobs:
             JobFailedError: It failed (unless ``raise_on_failure=False``).
             PollTimeoutError: ``poll_timeout`` passed first.
         """
+        check_seconds(poll_timeout, "poll_timeout")
         return await self._wait(
             target_name,
             repo_name,
@@ -768,7 +767,6 @@ class _Jobs:
         user_id: str | NotGiven | None,
         timeout: float | Timeouts | NotGiven,
     ) -> JobStatus:
-        _check_poll_timeout(poll_timeout)
         policy = self._client.poll_policy if poll_policy is NOT_GIVEN else poll_policy
         schedule = PollSchedule(policy)
         started = anyio.current_time()
@@ -818,11 +816,6 @@ class _Jobs:
                 job=status,
             )
         return status
-
-
-def _check_poll_timeout(poll_timeout: float | None) -> None:
-    if poll_timeout is not None and not poll_timeout > 0:
-        raise InvalidArgumentError(f"poll_timeout must be > 0 seconds, got {poll_timeout!r}")
 
 
 class Stim(_Jobs):

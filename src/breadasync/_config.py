@@ -12,6 +12,7 @@ from typing import Final, Literal
 from yarl import URL
 
 from ._errors import ConfigError
+from ._validation import check_int
 
 DEFAULT_BASE_URL: Final = "https://bapi.bread.com.ai"
 ENV_API_KEY: Final = "BREAD_API_KEY"
@@ -106,12 +107,7 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_retries, bool)
-            or not isinstance(self.max_retries, int)
-            or self.max_retries < 0
-        ):
-            raise ConfigError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
+        check_int(self.max_retries, "max_retries", 0, error=ConfigError)
         for name in ("initial_backoff", "max_backoff", "max_retry_after"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
@@ -170,16 +166,10 @@ class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_concurrency, bool)
-            or not isinstance(self.max_concurrency, int)
-            or self.max_concurrency < 1
-        ):
-            raise ConfigError(f"max_concurrency must be an int >= 1, got {self.max_concurrency!r}")
+        check_int(self.max_concurrency, "max_concurrency", 1, error=ConfigError)
         if self.max_requests_per_second is not None:
             _positive("max_requests_per_second", self.max_requests_per_second)
-        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
-            raise ConfigError(f"max_body_bytes must be an int >= 1024, got {self.max_body_bytes!r}")
+        check_int(self.max_body_bytes, "max_body_bytes", 1024, error=ConfigError)
 
 
 def resolve_api_key(api_key: str | None) -> str:

@@ -34,7 +34,7 @@ from ._errors import (
 from ._models import JobState, JobStatus
 from ._polling import PollSchedule
 from ._results import Results
-from ._validation import check_name
+from ._validation import check_int, check_name, check_seconds
 
 if TYPE_CHECKING:
     from ._client import BreadClient
@@ -250,20 +250,18 @@ class Fanout:
         user_id: str | NotGiven | None,
         on_progress: ProgressCallback | None,
     ) -> None:
-        for name, value in (("target_timeout", target_timeout), ("total_timeout", total_timeout)):
-            if value is not None and not value > 0:
-                raise InvalidArgumentError(f"{name} must be > 0 seconds, got {value!r}")
-        limit = concurrency if concurrency is not None else client.max_concurrency
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InvalidArgumentError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        self._target_timeout = check_seconds(target_timeout, "target_timeout")
+        self._total_timeout = check_seconds(total_timeout, "total_timeout")
+        limit = check_int(
+            client.max_concurrency if concurrency is None else concurrency, "concurrency", 1
+        )
+        # Resolved once: an invalid user_id fails the call, not every target in turn.
+        self._user_id = client._user(user_id)
         self._client = client
         self._wait = wait
         self._wait_for_stim = wait_for_stim
         self._policy = client.poll_policy if poll_policy is NOT_GIVEN else poll_policy
-        self._target_timeout = target_timeout
-        self._total_timeout = total_timeout
         self._fail_fast = fail_fast
-        self._user_id = user_id
         self._on_progress = on_progress
         self._slots = anyio.CapacityLimiter(limit)
         phase: _Phase = "start" if start else "poll"

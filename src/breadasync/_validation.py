@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from ._errors import InvalidArgumentError
+from ._errors import BreadError, InvalidArgumentError
 
 MAX_PAGE_SIZE = 1000
 """The most rows the service returns per output page."""
@@ -32,22 +32,43 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
+def check_int(
+    value: Any,
+    what: str,
+    low: int,
+    high: int | None = None,
+    *,
+    error: type[BreadError] = InvalidArgumentError,
+) -> int:
+    """``value`` if it is an int (not a bool) within ``low..high``; else ``error``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bounds = f">= {low}" if high is None else f"within {low}..{high}"
+        raise error(f"{what} must be an int {bounds}, got {value!r}")
+    return value
+
+
+def check_seconds(value: Any, what: str) -> float | None:
+    """``value`` if it is ``None`` (no bound) or a number of seconds > 0."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+    ):
+        raise InvalidArgumentError(f"{what} must be > 0 seconds, got {value!r}")
+    return value
+
+
 def check_limit(value: Any) -> int:
     """A page size within 1..1000."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"limit must be an int, got {type(value).__name__}")
-    if not 1 <= value <= MAX_PAGE_SIZE:
-        raise InvalidArgumentError(f"limit must be within 1..{MAX_PAGE_SIZE}, got {value}")
-    return value
+    return check_int(value, "limit", 1, MAX_PAGE_SIZE)
 
 
 def check_offset(value: Any) -> int:
     """An offset >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"offset must be an int, got {type(value).__name__}")
-    if not 0 <= value <= MAX_OFFSET:
-        raise InvalidArgumentError(f"offset must be within 0..{MAX_OFFSET}, got {value}")
-    return value
+    return check_int(value, "offset", 0, MAX_OFFSET)
 
 
 def check_user_id(value: Any) -> str | None:

@@ -37,7 +37,7 @@ from breadasync._errors import (
 from breadasync._fanout import TargetLike, TargetRef, normalise_targets
 from breadasync._models import JobState, JobStatus
 from breadasync._results import Results
-from breadasync._validation import MAX_PAGE_SIZE, check_name
+from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name
 from breadasync._version import __version__
 
 from ._plan import ExportPlan, Part
@@ -83,18 +83,11 @@ class ExportOptions:
     allow_partial: bool = False
 
     def __post_init__(self) -> None:
-        for name, low, high in (
-            ("page_size", 1, MAX_PAGE_SIZE),
-            ("concurrency", 1, 1024),
-            ("rows_per_part", 1, 100_000_000),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidArgumentError(
-                    f"{name} must be an int within {low}..{high}, got {value!r}"
-                )
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise InvalidArgumentError(f"window must be an int >= 1, got {self.window!r}")
+        check_int(self.page_size, "page_size", 1, MAX_PAGE_SIZE)
+        check_int(self.concurrency, "concurrency", 1, 1024)
+        check_int(self.rows_per_part, "rows_per_part", 1, 100_000_000)
+        if self.window is not None:
+            check_int(self.window, "window", 1)
         if self.compression not in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"):
             raise InvalidArgumentError(f"unknown compression {self.compression!r}")
 
@@ -355,7 +348,8 @@ class Exporter:
     ) -> None:
         self._client = client
         self._options = options
-        self._user_id = user_id
+        # Resolved once: an invalid user_id fails before anything is sent, and pages skip it.
+        self._user_id = client._user(user_id)
         self._on_progress = on_progress
         # One limit for every target this exporter handles (export_many shares it).
         self._limiter = anyio.CapacityLimiter(options.concurrency)
@@ -638,14 +632,7 @@ async def export_many(
 ) -> ExportResults:
     """Export many targets into one Hive-style dataset folder."""
     refs = normalise_targets(targets, repo_name)
-    if (
-        isinstance(target_concurrency, bool)
-        or not isinstance(target_concurrency, int)
-        or target_concurrency < 1
-    ):
-        raise InvalidArgumentError(
-            f"target_concurrency must be an int >= 1, got {target_concurrency!r}"
-        )
+    check_int(target_concurrency, "target_concurrency", 1)
     root = LocalDestination(dest)
     await _thread(root.prepare)
     await _thread(_refuse_single_export, root)

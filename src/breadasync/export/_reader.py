@@ -25,7 +25,6 @@ from ._schema import fast_page_to_batch, rows_to_batch
 
 if TYPE_CHECKING:
     from breadasync._client import BreadClient
-    from breadasync._config import NotGiven
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +84,7 @@ class RangeReader:
         decode_limiter: Bounds decoding threads (decoding still needs the GIL at times, so
             more threads than cores only contend).
         window: Pages fetched ahead of the consumer, at most: memory stays flat.
+        user_id: The user override, already resolved (``None``: none).
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class RangeReader:
         limiter: anyio.CapacityLimiter,
         decode_limiter: anyio.CapacityLimiter,
         window: int,
-        user_id: str | NotGiven | None,
+        user_id: str | None,
     ) -> None:
         self._client = client
         self._expected = expected_lines
