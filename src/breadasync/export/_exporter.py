@@ -398,7 +398,7 @@ class Exporter:
         lock = store.locked()
         await _thread(lock.__enter__)
         try:
-            reused, todo = await _thread(self._reconcile, store, plan)
+            reused, todo, committed = await _thread(self._reconcile, store, plan)
             reader = self.reader(plan)
             progress = _Progress(self._on_progress, target, plan.lines, reader)
             progress.add(sum(r.rows for r in reused))
@@ -414,7 +414,7 @@ class Exporter:
                     f"{plan.lines:,} lines",
                     dest=shown,
                 )
-            if todo or not await _thread(self._committed, store, plan):
+            if not committed:
                 await _thread(self._commit, store, plan, job, records, started)
         finally:
             # Shielded: a cancelled export must still let go of its folder.
@@ -438,8 +438,9 @@ class Exporter:
 
     def _reconcile(
         self, store: LocalDestination, plan: ExportPlan
-    ) -> tuple[list[PartRecord], list[Part]]:
-        """Decide which parts on disk to keep; start (or continue) the journal."""
+    ) -> tuple[list[PartRecord], list[Part], bool]:
+        """Decide which parts on disk to keep and which to fetch; start (or continue) the
+        journal. The flag says the folder already holds this export, whole and committed."""
         if any(store.path.glob("repo=*")):
             raise ExportMismatchError(
                 f"{str(store.path)!r} holds a dataset of several targets (repo=... folders); "
@@ -459,7 +460,8 @@ class Exporter:
         elif store.part_names():
             found = {}
         resume = self._options.resume
-        if found is not None and not _same(found, wanted):
+        same = found is not None and _same(found, wanted)
+        if found is not None and not same:
             same_target = (found.get("repo"), found.get("target")) == (
                 plan.target.repo_name,
                 plan.target.target_name,
@@ -475,7 +477,7 @@ class Exporter:
         store.remove_stale()
         parts = plan.parts
         keep: list[PartRecord] = []
-        if resume and found is not None and _same(found, wanted):
+        if resume and same:
             by_name = {p.name: p for p in parts}
             for entry in records:
                 try:
@@ -489,10 +491,10 @@ class Exporter:
                     keep.append(record)
         kept = {r.name for r in keep}
         todo = [p for p in parts if p.name not in kept]
-        if not todo and isinstance(manifest, dict) and found is not None and _same(found, wanted):
+        if not todo and same and isinstance(manifest, dict):
             if journal:
                 store.remove(JOURNAL)  # left by a run that died right after its manifest
-            return keep, todo  # a whole, verified export: leave its parts as they are
+            return keep, todo, True  # a whole, verified export: leave its parts as they are
         # The journal first (atomically), then the manifest goes: a crash in between
         # leaves one of them vouching for the parts, never neither. The manifest vouches
         # for a whole export, so it must not stand beside a part being rewritten.
@@ -502,16 +504,7 @@ class Exporter:
         store.remove(MANIFEST)
         for name in store.part_names() - kept - {p.name for p in parts}:
             store.remove(name)  # parts of an earlier, replaced layout
-        return keep, todo
-
-    @staticmethod
-    def _committed(store: LocalDestination, plan: ExportPlan) -> bool:
-        manifest = store.read_json(MANIFEST)
-        return (
-            isinstance(manifest, dict)
-            and isinstance(manifest.get("identity"), dict)
-            and _same(manifest["identity"], _identity(plan))
-        )
+        return keep, todo, False
 
     async def _write_parts(
         self,

@@ -73,18 +73,20 @@ def rows_to_batch(rows: list[dict[str, Any]], offset: int) -> pa.RecordBatch:
             columns.append(pa.array(values, pa.string()).dictionary_encode())
         else:
             columns.append(pa.array(values, kind))
-    extras: list[bytes | None] = []
-    for i, row in enumerate(rows):
-        keys = row.keys() - DOCUMENTED_NAMES
-        kept = misfits.get(i)
-        if not keys and not kept:
-            extras.append(None)
-            continue
-        # Keep the row's own key order, for a faithful round trip.
-        wanted = keys.union(kept) if kept else keys
-        extras.append(orjson.dumps({k: v for k, v in row.items() if k in wanted}))
+    extras = [_extra(row, misfits.get(i)) for i, row in enumerate(rows)]
     columns.append(_extra_column(extras))
     return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
+
+
+def _extra(row: dict[str, Any], also: list[str] | None) -> bytes | None:
+    """The row's ``extra`` value: its undocumented fields and the documented ones in
+    ``also`` (which the columns cannot hold), as JSON; ``None`` if there are none."""
+    keys = row.keys() - DOCUMENTED_NAMES
+    if not keys and not also:
+        return None
+    wanted = keys.union(also) if also else keys
+    # The row's own key order, for a faithful round trip.
+    return orjson.dumps({k: v for k, v in row.items() if k in wanted})
 
 
 def _extra_column(extras: list[bytes | None]) -> pa.Array:
@@ -179,16 +181,10 @@ def _orjson_extras(body: bytes, count: int) -> list[bytes | None] | None:
     rows = orjson.loads(body).get("output")
     if not isinstance(rows, list) or len(rows) != count:
         return None
-    extras: list[bytes | None] = []
-    for row in rows:
-        keys = row.keys() - DOCUMENTED_NAMES
-        nulls = [k for k in DOCUMENTED_NAMES & row.keys() if row[k] is None]
-        if not keys and not nulls:
-            extras.append(None)
-            continue
-        wanted = keys.union(nulls)
-        extras.append(orjson.dumps({k: v for k, v in row.items() if k in wanted}))
-    return extras
+    # Arrow checked the documented values' types; only their explicit nulls go to extra.
+    return [
+        _extra(row, [k for k in DOCUMENTED_NAMES & row.keys() if row[k] is None]) for row in rows
+    ]
 
 
 def fast_page_to_batch(body: bytes, offset: int) -> FastPage | None:

@@ -175,19 +175,8 @@ class LocalDestination:
             return None
 
     def write_json(self, name: str, data: Any) -> None:
-        """Write ``name`` atomically (temporary file, fsync, rename)."""
-        final = self.path / name
-        temp = self.path / f".{name}.tmp-{secrets.token_hex(4)}"
-        try:
-            with open(temp, "wb") as file:
-                file.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, final)
-            self._sync_folder()
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise describe_os_error(exc, "write", final) from exc
+        """Write ``name`` atomically."""
+        self._write_atomic(name, orjson.dumps(data, option=orjson.OPT_INDENT_2))
 
     def remove(self, name: str) -> None:
         """Delete ``name`` if it exists."""
@@ -226,18 +215,7 @@ class LocalDestination:
     def reset_journal(self, header: dict[str, Any]) -> None:
         """Start a new journal with ``header`` as its first entry, atomically: a crash
         leaves the old journal or the new one, never none."""
-        final = self.path / JOURNAL
-        temp = self.path / f".{JOURNAL}.tmp-{secrets.token_hex(4)}"
-        try:
-            with open(temp, "wb") as file:
-                file.write(orjson.dumps(header) + b"\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, final)
-            self._sync_folder()
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise describe_os_error(exc, "write", final) from exc
+        self._write_atomic(JOURNAL, orjson.dumps(header) + b"\n")
 
     def part_names(self) -> set[str]:
         """The part files present (committed or not vouched for)."""
@@ -291,13 +269,27 @@ class LocalDestination:
             return f"not a readable Parquet file ({type(exc).__name__})"
         if rows != record.rows:
             return f"{rows:,} rows in its footer instead of {record.rows:,}"
-        digest = hashlib.sha256()
         with open(path, "rb") as file:
-            while chunk := file.read(1024 * 1024):
-                digest.update(chunk)
+            digest = hashlib.file_digest(file, "sha256")
         if digest.hexdigest() != record.sha256:
             return "its checksum differs"
         return None
+
+    def _write_atomic(self, name: str, data: bytes) -> None:
+        # A temporary file, synced, then renamed over ``name``: readers see the old
+        # file or the new one, whole.
+        final = self.path / name
+        temp = self.path / f".{name}.tmp-{secrets.token_hex(4)}"
+        try:
+            with open(temp, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, final)
+            self._sync_folder()
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise describe_os_error(exc, "write", final) from exc
 
     def _sync_folder(self) -> None:
         # A rename is durable only once the folder itself is synced.
