@@ -442,3 +442,21 @@ def test_progress_is_drawn_on_a_terminal_and_not_with_quiet(
                 os.close(replica)
         assert child.returncode == 0
         assert (b"rows/s" in drawn) is expect_bar
+
+
+def test_interrupted_hint_repeats_the_command_main_was_given(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from breadasync import cli
+
+    async def interrupted(args: object, ui: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "export", interrupted)
+    out = str(tmp_path / "out")
+    argv = ["export", "--repo", "r", "--target", "t", "--out", out, "--api-key", "sk-secret-1"]
+    assert cli.main(argv) == 130
+    stderr = capsys.readouterr().err
+    # Called in-process (a script, a test), the hint must be main's argv, not sys.argv.
+    assert f"breadasync export --repo r --target t --out {out} --api-key '***'" in stderr
+    assert "sk-secret-1" not in stderr

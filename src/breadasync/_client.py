@@ -807,14 +807,7 @@ class _Jobs:
             )
             schedule.observe(status, anyio.current_time())
         if status.is_failed and raise_on_failure:
-            raise JobFailedError(
-                f"{self._kind} of {repo_name}/{target_name} failed after {status.lines} lines: "
-                f"{status.error or 'the service gave no reason'}",
-                repo_name=repo_name,
-                target_name=target_name,
-                kind=self._kind,
-                job=status,
-            )
+            raise JobFailedError.of(self._kind, repo_name, target_name, status)
         return status
 
 

@@ -216,6 +216,18 @@ class JobError(BreadError):
 class JobFailedError(JobError):
     """The job ended ``failed``; ``job.error`` holds the service's reason."""
 
+    @classmethod
+    def of(cls, kind: str, repo_name: str, target_name: str, job: JobStatus) -> JobFailedError:
+        """The error for ``job``, which ended ``failed``."""
+        return cls(
+            f"{kind} of {repo_name}/{target_name} failed after {job.lines} lines: "
+            f"{job.error or 'the service gave no reason'}",
+            repo_name=repo_name,
+            target_name=target_name,
+            kind=kind,
+            job=job,
+        )
+
 
 class PollTimeoutError(JobError, TimeoutError):
     """The job was still running when the caller's wait ran out; ``job`` is its last status.

@@ -368,14 +368,7 @@ class Fanout:
         if status.is_complete:
             self._finish(entry, Outcome.COMPLETE, None)
         elif status.is_failed:
-            error = JobFailedError(
-                f"rollout of {ref} failed after {status.lines} lines: "
-                f"{status.error or 'the service gave no reason'}",
-                repo_name=ref.repo_name,
-                target_name=ref.target_name,
-                kind="rollout",
-                job=status,
-            )
+            error = JobFailedError.of("rollout", ref.repo_name, ref.target_name, status)
             self._finish(entry, Outcome.FAILED, error)
         elif not self._wait:
             self._finish(entry, Outcome.STARTED, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shlex
@@ -366,20 +367,8 @@ async def cmd_rollout(args: argparse.Namespace, ui: Ui) -> int:
             )
     rows, table = _rollout_rows(results)
     summary = results.summary()
-    ui.result({"summary": _summary_dict(summary), "targets": rows}, table, str(summary))
+    ui.result({"summary": dataclasses.asdict(summary), "targets": rows}, table, str(summary))
     return EXIT_OK if not results.failures() else EXIT_FAILED
-
-
-def _summary_dict(summary: Any) -> dict[str, int]:
-    return {
-        "total": summary.total,
-        "complete": summary.complete,
-        "failed": summary.failed,
-        "errored": summary.errored,
-        "timed_out": summary.timed_out,
-        "started": summary.started,
-        "lines": summary.lines,
-    }
 
 
 # --- status --------------------------------------------------------------------------------
@@ -595,7 +584,7 @@ async def cmd_demo(args: argparse.Namespace, ui: Ui) -> int:
             "rows": exports.rows,
             "faults_injected": faults,
             "retries": retries,
-            "rollouts": _summary_dict(rollouts.summary()),
+            "rollouts": dataclasses.asdict(rollouts.summary()),
             "targets": rows,
         },
         table,
@@ -695,9 +684,9 @@ def _without_key(argv: list[str]) -> list[str]:
     return shown
 
 
-def _interrupted_note(args: argparse.Namespace) -> str:
+def _interrupted_note(args: argparse.Namespace, argv: list[str]) -> str:
     if args.command in ("export", "demo"):
-        again = shlex.join(["breadasync", *_without_key(sys.argv[1:])])
+        again = shlex.join(["breadasync", *_without_key(argv)])
         return (
             "interrupted: the parts already written are kept; run the same command "
             f"again to resume ({again})"
@@ -712,6 +701,7 @@ def _interrupted_note(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     if getattr(args, "out", None) is not None:
         args.out_abs = os.path.abspath(args.out)  # before the event loop: it asks the OS
@@ -728,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
     except KeyboardInterrupt:
-        ui.err.print(f"breadasync: {_interrupted_note(args)}")
+        ui.err.print(f"breadasync: {_interrupted_note(args, argv)}")
         return EXIT_INTERRUPTED
     except (ConfigError, InvalidArgumentError) as exc:
         ui.err.print(f"breadasync {args.command}: error: {exc}", markup=False)

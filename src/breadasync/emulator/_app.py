@@ -440,20 +440,18 @@ class Emulator:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        route = request.match_info.route.name
-        if route is not None and route.startswith("control:"):
+        name = request.match_info.route.name
+        if name is not None and name.startswith("control:"):
             return await self._guard(handler, request, control=True)
+        route = name or "unmatched"
         info = request.match_info
         repo, target = info.get("repo"), info.get("target")
         started = time.monotonic()
         self.stats.enter()
         status, fault, rows = 499, None, None
-        context: _Context | None = None
         try:
-            if route is None:
-                # An unknown path gets a JSON 404/405 before any auth, as the service does;
-                # it is counted, as "unmatched".
-                route = "unmatched"
+            if name is None:
+                # An unknown path gets a JSON 404/405 before any auth, as the service does.
                 response: web.StreamResponse = await self._guard(handler, request)
                 status = response.status
                 return response
@@ -462,14 +460,14 @@ class Emulator:
             _REQUEST.set(context)
             response, fault = await self._serve(request, handler, faults, scope)
             status = response.status
-            rows = context.rows if context else None
+            rows = context.rows
             return response
         finally:
             query = request.rel_url.query
             self.stats.leave(
                 RequestRecord(
                     method=request.method,
-                    route=route or "unmatched",
+                    route=route,
                     repo=repo,
                     target=target,
                     status=status,
