@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+import statistics
 from email.utils import formatdate
 
 import pytest
@@ -21,12 +23,66 @@ def running(percent: float | None) -> JobStatus:
 def test_intervals_grow_geometrically_to_the_maximum() -> None:
     schedule = PollSchedule(POLICY)
     delays = []
-    for _ in range(12):
-        schedule.observe(running(None), 0)
+    now = 0.0
+    for _ in range(30):
+        schedule.observe(running(None), now)
         delays.append(schedule.next_delay())
-    assert delays[:4] == [1, 1.5, 2.25, 3.375]
+        now += delays[-1]
+    # Early on, a quarter of the time watched caps the growth (and the initial 1 s floors it).
+    assert delays[:5] == [1, 1, 1, 1, 1]
+    assert delays[5] == pytest.approx(1.25)
+    for earlier, later in itertools.pairwise(delays):
+        assert earlier <= later <= earlier * POLICY.factor
     assert delays[-1] == 30
-    assert schedule.polls == 12
+    assert schedule.polls == 30
+
+
+def _simulate(durations: list[float], seed: int) -> tuple[list[int], list[float]]:
+    """Polls and detection lag of jobs that report nothing but their state, on a virtual
+    clock: each job is read at 0 (its start) and then whenever the schedule says."""
+    rng = random.Random(seed)
+    polls, lags = [], []
+    for duration in durations:
+        schedule = PollSchedule(PollPolicy(), random.Random(rng.random()))
+        now, count = 0.0, 0
+        # ``lines`` 0 until the end, no percent, no total: nothing to predict with.
+        schedule.observe(JobStatus(JobState.RUNNING, lines=0), now)
+        while True:
+            now += schedule.next_delay()
+            count += 1
+            if now >= duration:
+                break
+            schedule.observe(JobStatus(JobState.RUNNING, lines=0), now)
+        polls.append(count)
+        lags.append(now - duration)
+    return polls, lags
+
+
+def test_jobs_without_progress_are_seen_complete_soon_with_few_polls() -> None:
+    # Issue 12's fan-out: 300 jobs of 1-6 s that report only lines (or 0 lines to the end).
+    rng = random.Random(12)
+    durations = [rng.uniform(1, 6) for _ in range(300)]
+    polls, lags = _simulate(durations, seed=3)
+    assert max(d + lag for d, lag in zip(durations, lags, strict=True)) <= max(durations) + 2
+    assert max(lags) <= 2
+    assert statistics.median(polls) <= 20
+    # and in fact far fewer: the schedule is not polling every 0.25 s to get there
+    assert statistics.median(polls) <= 8
+
+
+def test_lines_without_a_total_do_not_predict_a_finish() -> None:
+    schedule = PollSchedule(PollPolicy(initial=1, jitter=0))
+    schedule.observe(JobStatus(JobState.RUNNING, lines=10), 0)
+    schedule.next_delay()
+    schedule.observe(JobStatus(JobState.RUNNING, lines=5000), 1)
+    # No total: lines alone say nothing about the end, so no early "estimated finish" poll.
+    assert schedule.next_delay() == 1
+
+
+def test_a_long_silent_job_is_polled_ever_more_rarely() -> None:
+    polls, lags = _simulate([3600.0], seed=1)
+    assert polls[0] < 160  # 30 s apart once grown (plus jitter), not every second
+    assert lags[0] <= 30 * 1.1
 
 
 def test_progress_brings_the_next_poll_to_the_estimated_finish() -> None:

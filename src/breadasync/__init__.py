@@ -2,7 +2,12 @@
 
 async with BreadClient() as client:
     status = await client.targets.rollout.run("coding_target", repo_name="my_repo")
+
+Everything public is importable from here; the export results load lazily (with pyarrow).
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._client import BreadClient, Rollout, Stim, Targets
 from ._config import NOT_GIVEN, Limits, PollPolicy, RetryPolicy, Timeouts
@@ -36,20 +41,32 @@ from ._errors import (
     UnfinishedJobError,
     UnprocessableEntityError,
 )
-from ._fanout import (
-    AsCompleted,
-    FanoutSummary,
-    Outcome,
-    RolloutResult,
-    RolloutResults,
-    RolloutUpdate,
-    TargetLike,
-    TargetRef,
-)
-from ._models import JobState, JobStatus, OutputPage, Target, TargetList
+from ._fanout import AsCompleted
+from ._models import JobState, JobStatus, OutputPage, Target, TargetLike, TargetList, TargetRef
+from ._results import FanoutSummary, Outcome, RolloutResult, RolloutResults, RolloutUpdate
 from ._transport import ClientStats
 from ._version import __version__
-from .export import ExportResult, ExportResults
+
+if TYPE_CHECKING:
+    from .export import ExportResult, ExportResults
+
+_LAZY = {"ExportResult": "breadasync.export", "ExportResults": "breadasync.export"}
+"""Names loaded on first use: the exporter brings pyarrow, which a plain ``import
+breadasync`` (or ``breadasync --version``) must not pay for."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'breadasync' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "NOT_GIVEN",

@@ -1,19 +1,20 @@
-"""BreadClient and its resources: ``client.targets``, ``.targets.stim``, ``.targets.rollout``.
+"""The facade: :class:`BreadClient`, which owns one transport and hands out the resources
+(``client.targets``...), the fan-out entry points and the exports.
 
-The method names and the keyword-only ``repo_name`` are the official SDK's, so code moves
-over by adding ``await``.
+It only assembles the layers below it (the API layer ``_api``, the resources, the watch
+engine, the exporter); none of them imports it. The method names and argument shapes are
+the official SDK's, so code moves over by adding ``await``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
+from ._api import Api
 from ._config import (
     DEFAULT_MAX_BODY_BYTES,
     NOT_GIVEN,
@@ -25,63 +26,26 @@ from ._config import (
     resolve_api_key,
     resolve_base_url,
 )
-from ._errors import (
-    ConfigError,
-    InvalidArgumentError,
-    JobError,
-    JobFailedError,
-    PollTimeoutError,
-    ProtocolError,
-)
-from ._fanout import (
-    AsCompleted,
-    Fanout,
-    ProgressCallback,
-    RolloutResults,
-    TargetLike,
-    collect,
-    normalise_targets,
-)
-from ._models import (
-    JobState,
-    JobStatus,
-    Origin,
-    OutputPage,
-    Target,
-    TargetList,
-    parse_job,
-    parse_page,
-    parse_target,
-    parse_target_list,
-)
-from ._polling import PollSchedule
-from ._transport import ClientStats, Response, Transport, decode_json
-from ._validation import (
-    check_limit,
-    check_name,
-    check_offset,
-    check_seconds,
-    check_user_id,
-    repo_path,
-    target_path,
-)
-from .export._exporter import (
-    BatchStream,
-    Compression,
-    Exporter,
-    ExportOptions,
-    ExportProgress,
-    ExportResult,
-    ExportResults,
-    check_target,
-    export_many,
-)
-from .export._store import LocalDestination
+from ._errors import ConfigError, InvalidArgumentError
+from ._fanout import AsCompleted, Fanout, collect
+from ._models import ProgressCallback, TargetLike, TargetRef, normalise_targets
+from ._resources import Rollout, Stim, Targets
+from ._results import RolloutResults, RolloutUpdate
+from ._transport import ClientStats, Transport
+from ._validation import check_user_id
 
-ExportProgressCallback = Callable[[ExportProgress], Any]
+if TYPE_CHECKING:
+    # Only for annotations: the exporter (and pyarrow) load when an export is first asked.
+    from .export._exporter import (
+        BatchStream,
+        Compression,
+        ExportProgress,
+        ExportResult,
+        ExportResults,
+    )
+    from .export._store import LocalDestination
 
-_T = TypeVar("_T")
-JobKind = Literal["stim", "rollout"]
+__all__ = ["BreadClient", "Rollout", "Stim", "Targets"]
 
 
 class BreadClient:
@@ -105,6 +69,8 @@ class BreadClient:
         user_id: Act for this user (a master key's ``X-User-Id``) on every request.
         retry: The full retry policy (``max_retries`` overrides its count when given).
         poll: How ``run(poll=True)`` and ``wait`` space their status reads.
+        limits: ``max_concurrency``, ``max_requests_per_second`` and ``max_body_bytes`` as
+            one :class:`Limits` (instead of the three arguments, which it overrides).
         max_body_bytes: The largest answer accepted (default 64 MiB).
         allow_insecure_http: Allow plain http to a host that is not loopback.
         trust_env: Use proxy settings from the environment (``HTTPS_PROXY``...).
@@ -123,6 +89,7 @@ class BreadClient:
         retry: RetryPolicy | None = None,
         poll: PollPolicy = PollPolicy(),  # noqa: B008 (frozen)
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        limits: Limits | None = None,
         allow_insecure_http: bool = False,
         trust_env: bool = False,
     ) -> None:
@@ -133,55 +100,74 @@ class BreadClient:
             policy = replace(policy, max_retries=max_retries)
         if not isinstance(poll, PollPolicy):
             raise ConfigError(f"poll must be a PollPolicy, got {type(poll).__name__}")
+        if limits is None:
+            limits = Limits(max_concurrency, max_requests_per_second, max_body_bytes)
+        elif not isinstance(limits, Limits):
+            raise ConfigError(f"limits must be a Limits, got {type(limits).__name__}")
         try:
-            self.user_id = check_user_id(user_id)
+            checked_user = check_user_id(user_id)
         except InvalidArgumentError as exc:
             raise ConfigError(str(exc)) from None
-        self.poll_policy = poll
-        self._transport = Transport(
+        self._max_retries = policy.max_retries
+        transport = Transport(
             api_key=key,
             base_url=url,
             timeouts=Timeouts.of(timeout),
             retry=policy,
-            limits=Limits(max_concurrency, max_requests_per_second, max_body_bytes),
+            limits=limits,
             trust_env=trust_env,
         )
-        self.targets = Targets(self)
+        self._api = Api(
+            transport,
+            user_id=checked_user,
+            poll_policy=poll,
+            max_concurrency=limits.max_concurrency,
+        )
+        self.targets = Targets(self._api)
         """Targets, and through them their stim and rollout jobs."""
 
+    @property
+    def user_id(self) -> str | None:
+        """The user every request acts for by default (``X-User-Id``), if any."""
+        return self._api.user_id
+
+    @property
+    def poll_policy(self) -> PollPolicy:
+        """The default poll spacing of waits and fan-outs."""
+        return self._api.poll_policy
+
     def __repr__(self) -> str:
-        limits = self._transport.limits
         return (
             f"BreadClient(base_url={self.base_url!r}, "
-            f"max_concurrency={limits.max_concurrency}, "
-            f"max_retries={self._transport.retry.max_retries})"
+            f"max_concurrency={self.max_concurrency}, "
+            f"max_retries={self._max_retries})"
         )
 
     @property
     def base_url(self) -> str:
         """Where requests go."""
-        return self._transport.base_url
+        return self._api.base_url
 
     @property
     def max_concurrency(self) -> int:
         """The configured ceiling of requests in flight."""
-        return self._transport.limits.max_concurrency
+        return self._api.max_concurrency
 
     @property
     def stats(self) -> ClientStats:
         """Counters of this client: requests, retries, answers by status, throttling, and
         the current (adaptive) concurrency limit."""
-        return self._transport.stats()
+        return self._api.stats
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`aclose` was called."""
-        return self._transport.closed
+        return self._api.closed
 
     async def aclose(self) -> None:
         """Close the connection pool. Calls still in flight fail with
         :class:`ClientClosedError`; closing twice is harmless."""
-        await self._transport.aclose()
+        await self._api.aclose()
 
     async def __aenter__(self) -> BreadClient:
         return self
@@ -207,7 +193,7 @@ class BreadClient:
         total_timeout: float | None = None,
         fail_fast: bool = False,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        on_progress: ProgressCallback | None = None,
+        on_progress: ProgressCallback[RolloutUpdate] | None = None,
     ) -> RolloutResults:
         """Start the rollouts of many targets and watch them to the end.
 
@@ -239,7 +225,7 @@ class BreadClient:
         """
         refs = normalise_targets(targets, repo_name)
         fanout = Fanout(
-            self,
+            self._api,
             refs,
             start=True,
             wait=wait,
@@ -265,7 +251,7 @@ class BreadClient:
         total_timeout: float | None = None,
         fail_fast: bool = False,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        on_progress: ProgressCallback | None = None,
+        on_progress: ProgressCallback[RolloutUpdate] | None = None,
     ) -> RolloutResults:
         """Watch rollouts that were already started (a job never started is an error).
 
@@ -273,7 +259,7 @@ class BreadClient:
         """
         refs = normalise_targets(targets, repo_name)
         fanout = Fanout(
-            self,
+            self._api,
             refs,
             start=False,
             wait=True,
@@ -300,7 +286,7 @@ class BreadClient:
         target_timeout: float | None = None,
         total_timeout: float | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        on_progress: ProgressCallback | None = None,
+        on_progress: ProgressCallback[RolloutUpdate] | None = None,
     ) -> AsCompleted:
         """Each target's :class:`RolloutResult` the moment it has one::
 
@@ -313,7 +299,7 @@ class BreadClient:
         """
         refs = normalise_targets(targets, repo_name)
         fanout = Fanout(
-            self,
+            self._api,
             refs,
             start=start,
             wait=True,
@@ -342,7 +328,7 @@ class BreadClient:
         allow_partial: bool = False,
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        on_progress: ExportProgressCallback | None = None,
+        on_progress: ProgressCallback[ExportProgress] | None = None,
     ) -> ExportResult:
         """Export a rollout's output to Parquet files in the folder ``dest``.
 
@@ -371,13 +357,17 @@ class BreadClient:
             DataIntegrityError: The pages do not add up to ``lines`` rows.
             APIError: A request failed after its retries (e.g. :class:`NotFoundError`).
         """
-        target = check_target(target_name, repo_name)
+        from .export._exporter import Exporter, ExportOptions
+        from .export._store import LocalDestination
+
+        target = TargetRef.of(target_name, repo_name)
         options = ExportOptions(
             page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
         )
         if not isinstance(dest, LocalDestination):
             dest = os.fspath(dest)
-        return await Exporter(self, options, user_id, on_progress=on_progress).export(target, dest)
+        exporter = Exporter(self._api, options, user_id, on_progress=on_progress)
+        return await exporter.export(target, dest)
 
     async def export_many(
         self,
@@ -394,7 +384,7 @@ class BreadClient:
         allow_partial: bool = False,
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        on_progress: ExportProgressCallback | None = None,
+        on_progress: ProgressCallback[ExportProgress] | None = None,
     ) -> ExportResults:
         """Export many targets into one dataset folder, ``dest/repo=R/target=T/``.
 
@@ -405,11 +395,13 @@ class BreadClient:
         its result (``error``) and does not stop the others. Other arguments as in
         :meth:`export_rollout`.
         """
+        from .export._exporter import Exporter, ExportOptions, export_many
+
         options = ExportOptions(
             page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
         )
         return await export_many(
-            Exporter(self, options, user_id, on_progress=on_progress),
+            Exporter(self._api, options, user_id, on_progress=on_progress),
             targets,
             repo_name,
             os.fspath(dest),
@@ -437,14 +429,11 @@ class BreadClient:
         ``allow_partial``; short pages are completed; exactly ``lines`` rows come out.
         Use ``async with`` around it when you may stop early.
         """
-        target = check_target(target_name, repo_name)
-        options = ExportOptions(page_size, concurrency, window, allow_partial=allow_partial)
-        return BatchStream(Exporter(self, options, user_id), target)
+        from .export._exporter import BatchStream, Exporter, ExportOptions
 
-    async def _get_raw(self, path: str, params: Mapping[str, Any], user_id: str | None) -> Response:
-        """A GET whose body the caller decodes (the exporter, off the event loop);
-        ``user_id`` is already resolved (:meth:`_user`)."""
-        return await self._transport.request("GET", path, params=params, user_id=user_id)
+        target = TargetRef.of(target_name, repo_name)
+        options = ExportOptions(page_size, concurrency, window, allow_partial=allow_partial)
+        return BatchStream(Exporter(self._api, options, user_id), target)
 
     async def request(
         self,
@@ -464,7 +453,7 @@ class BreadClient:
         """
         if method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise InvalidArgumentError(f"unsupported HTTP method {method!r}")
-        return await self._call(
+        return await self._api.call(
             method.upper(),
             path,
             lambda data, _origin: data,
@@ -473,351 +462,3 @@ class BreadClient:
             user_id=user_id,
             timeout=timeout,
         )
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        parse: Callable[[Any, Origin], _T],
-        *,
-        params: Mapping[str, Any] | None = None,
-        body: Any = None,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-        idempotency_key: str | None = None,
-    ) -> _T:
-        response = await self._transport.request(
-            method,
-            path,
-            params=params,
-            json_body=body,
-            user_id=self._user(user_id),
-            timeouts=None if timeout is NOT_GIVEN else Timeouts.of(timeout),
-            idempotency_key=idempotency_key,
-        )
-        try:
-            data = decode_json(
-                response.body, method=method, path=response.path, status=response.status
-            )
-            return parse(data, Origin(method, response.path, response.status))
-        except ProtocolError as exc:
-            raise self._transport.scrubbed(exc) from None
-
-    def _user(self, user_id: str | NotGiven | None) -> str | None:
-        if user_id is NOT_GIVEN:
-            return self.user_id
-        return check_user_id(user_id)
-
-
-class Targets:
-    """``client.targets``: create, get and list targets; ``.stim`` and ``.rollout`` jobs."""
-
-    def __init__(self, client: BreadClient) -> None:
-        self._client = client
-        self.stim = Stim(client)
-        """Stimulus-generation jobs."""
-        self.rollout = Rollout(client)
-        """Rollout (trajectory-generation) jobs."""
-
-    async def create(
-        self,
-        *,
-        repo_name: str,
-        target_name: str,
-        template: str = "default",
-        overrides: Mapping[str, Any] | None = None,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-        idempotency_key: str | None = None,
-    ) -> Target:
-        """Create a target (idempotent: the same config again returns the existing one).
-
-        Raises:
-            ConflictError: The target exists with a different config (targets are immutable).
-            UnprocessableEntityError: An override has the wrong type or range.
-        """
-        path = repo_path(repo_name)
-        check_name(target_name, "target_name")
-        check_name(template, "template")
-        if overrides is not None and not isinstance(overrides, Mapping):
-            raise InvalidArgumentError(
-                f"overrides must be a mapping, got {type(overrides).__name__}"
-            )
-        body: dict[str, Any] = {"target_name": target_name, "template": template}
-        if overrides is not None:
-            body["overrides"] = dict(overrides)
-        return await self._client._call(
-            "POST",
-            path,
-            parse_target,
-            body=body,
-            user_id=user_id,
-            timeout=timeout,
-            idempotency_key=idempotency_key,
-        )
-
-    async def get(
-        self,
-        target_name: str,
-        *,
-        repo_name: str,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-    ) -> Target:
-        """A target and its config.
-
-        Raises:
-            NotFoundError: No such target.
-        """
-        return await self._client._call(
-            "GET",
-            target_path(repo_name, target_name),
-            parse_target,
-            user_id=user_id,
-            timeout=timeout,
-        )
-
-    async def list(
-        self,
-        *,
-        repo_name: str,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-    ) -> TargetList:
-        """The names of a repo's targets.
-
-        Raises:
-            NotFoundError: No such repo.
-        """
-        return await self._client._call(
-            "GET",
-            repo_path(repo_name),
-            parse_target_list,
-            user_id=user_id,
-            timeout=timeout,
-        )
-
-
-class _Jobs:
-    """What stim and rollout jobs share: run, get, get_output, wait."""
-
-    _kind: JobKind
-
-    def __init__(self, client: BreadClient) -> None:
-        self._client = client
-
-    async def run(
-        self,
-        target_name: str,
-        *,
-        repo_name: str,
-        poll: bool = True,
-        poll_timeout: float | None = None,
-        poll_policy: PollPolicy | NotGiven = NOT_GIVEN,
-        raise_on_failure: bool = True,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-        idempotency_key: str | None = None,
-    ) -> JobStatus:
-        """Start the job (idempotent: if it exists, its current state comes back).
-
-        With ``poll=True`` (the default) it then waits, as :meth:`wait` does, until the job
-        is ``complete`` or ``failed``.
-
-        Args:
-            poll: Wait for a terminal state.
-            poll_timeout: Seconds to wait at most (default: no bound); then
-                :class:`PollTimeoutError`, the job still running on the service.
-            poll_policy: Poll spacing for this call (default: the client's).
-            raise_on_failure: Raise :class:`JobFailedError` for a ``failed`` job instead of
-                returning its status.
-            user_id: Act for this user on every request of the call, polls included.
-            timeout: Per-request timeout (not the wait: see ``poll_timeout``).
-            idempotency_key: The POST's ``Idempotency-Key`` (default: a fresh one, reused by
-                the POST's own retries).
-
-        Raises:
-            NotFoundError: No such target.
-            BadRequestError: A prerequisite is missing (stim not complete, no ``model_name``).
-            PaymentRequiredError: No credit left.
-        """
-        path = target_path(repo_name, target_name, self._kind)
-        if poll:
-            check_seconds(poll_timeout, "poll_timeout")  # before anything is sent
-        status = await self._client._call(
-            "POST",
-            path,
-            parse_job,
-            user_id=user_id,
-            timeout=timeout,
-            idempotency_key=idempotency_key,
-        )
-        if not poll:
-            return status
-        return await self._wait(
-            target_name,
-            repo_name,
-            status,
-            poll_timeout=poll_timeout,
-            poll_policy=poll_policy,
-            raise_on_failure=raise_on_failure,
-            user_id=user_id,
-            timeout=timeout,
-        )
-
-    async def get(
-        self,
-        target_name: str,
-        *,
-        repo_name: str,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-    ) -> JobStatus:
-        """The job's current status (``not_started`` if it was never started).
-
-        Raises:
-            NotFoundError: No such target.
-        """
-        return await self._client._call(
-            "GET",
-            target_path(repo_name, target_name, self._kind),
-            parse_job,
-            user_id=user_id,
-            timeout=timeout,
-        )
-
-    async def get_output(
-        self,
-        target_name: str,
-        *,
-        repo_name: str,
-        limit: int | NotGiven = NOT_GIVEN,
-        offset: int | NotGiven = NOT_GIVEN,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-    ) -> OutputPage:
-        """One page of the job's output.
-
-        Args:
-            limit: Rows per page, 1..1000 (the service's default is 100). A page may hold
-                fewer rows than asked even before the end: continue from
-                ``offset + len(page.output)``, not ``offset + limit``.
-            offset: The first row, from 0.
-
-        Raises:
-            InvalidArgumentError: ``limit`` or ``offset`` out of range (nothing is sent).
-            NotFoundError: No such target.
-        """
-        params: dict[str, int] = {}
-        if limit is not NOT_GIVEN:
-            params["limit"] = check_limit(limit)
-        if offset is not NOT_GIVEN:
-            params["offset"] = check_offset(offset)
-        return await self._client._call(
-            "GET",
-            target_path(repo_name, target_name, self._kind, "output"),
-            parse_page,
-            params=params,
-            user_id=user_id,
-            timeout=timeout,
-        )
-
-    async def wait(
-        self,
-        target_name: str,
-        *,
-        repo_name: str,
-        poll_timeout: float | None = None,
-        poll_policy: PollPolicy | NotGiven = NOT_GIVEN,
-        raise_on_failure: bool = True,
-        user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
-    ) -> JobStatus:
-        """Wait until an already started job is ``complete`` or ``failed``.
-
-        Polls adaptively (see :class:`PollPolicy`): often at first, then toward the docs'
-        10-30 s, and just after the finish the job's progress predicts.
-
-        Raises:
-            JobError: The job was never started.
-            JobFailedError: It failed (unless ``raise_on_failure=False``).
-            PollTimeoutError: ``poll_timeout`` passed first.
-        """
-        check_seconds(poll_timeout, "poll_timeout")
-        return await self._wait(
-            target_name,
-            repo_name,
-            None,
-            poll_timeout=poll_timeout,
-            poll_policy=poll_policy,
-            raise_on_failure=raise_on_failure,
-            user_id=user_id,
-            timeout=timeout,
-        )
-
-    async def _wait(
-        self,
-        target_name: str,
-        repo_name: str,
-        first: JobStatus | None,
-        *,
-        poll_timeout: float | None,
-        poll_policy: PollPolicy | NotGiven,
-        raise_on_failure: bool,
-        user_id: str | NotGiven | None,
-        timeout: float | Timeouts | NotGiven,
-    ) -> JobStatus:
-        policy = self._client.poll_policy if poll_policy is NOT_GIVEN else poll_policy
-        schedule = PollSchedule(policy)
-        started = anyio.current_time()
-        deadline = None if poll_timeout is None else started + poll_timeout
-        status = first
-        if status is None:
-            status = await self.get(
-                target_name, repo_name=repo_name, user_id=user_id, timeout=timeout
-            )
-            if status.status is JobState.NOT_STARTED:
-                raise JobError(
-                    f"{self._kind} of {repo_name}/{target_name} has not been started; start it "
-                    f"with client.targets.{self._kind}.run(...)",
-                    repo_name=repo_name,
-                    target_name=target_name,
-                    kind=self._kind,
-                    job=status,
-                )
-        schedule.observe(status, anyio.current_time())
-        while not status.is_terminal:
-            delay = schedule.next_delay()
-            if deadline is not None:
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
-                    raise PollTimeoutError(
-                        f"{self._kind} of {repo_name}/{target_name} is still {status.status} "
-                        f"({status.lines} lines) after {anyio.current_time() - started:.1f} s "
-                        f"(poll_timeout={poll_timeout} s); it keeps running on the service",
-                        repo_name=repo_name,
-                        target_name=target_name,
-                        kind=self._kind,
-                        job=status,
-                    )
-                delay = min(delay, remaining)
-            await anyio.sleep(delay)
-            status = await self.get(
-                target_name, repo_name=repo_name, user_id=user_id, timeout=timeout
-            )
-            schedule.observe(status, anyio.current_time())
-        if status.is_failed and raise_on_failure:
-            raise JobFailedError.of(self._kind, repo_name, target_name, status)
-        return status
-
-
-class Stim(_Jobs):
-    """``client.targets.stim``: stimulus-generation jobs (a rollout needs one complete)."""
-
-    _kind = "stim"
-
-
-class Rollout(_Jobs):
-    """``client.targets.rollout``: rollout (trajectory-generation) jobs and their output."""
-
-    _kind = "rollout"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import math
 import os
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -12,7 +11,7 @@ from typing import Final, Literal
 from yarl import URL
 
 from ._errors import ConfigError
-from ._validation import check_int
+from ._validation import check_int, check_seconds
 
 DEFAULT_BASE_URL: Final = "https://bapi.bread.com.ai"
 ENV_API_KEY: Final = "BREAD_API_KEY"
@@ -36,17 +35,7 @@ NotGiven = Literal[_NotGiven.NOT_GIVEN]
 
 
 def _positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
-    if value is None:
-        if not allow_none:
-            raise ConfigError(f"{name} must be a positive number, not None")
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not value > 0
-        or math.isnan(value)
-    ):
-        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+    check_seconds(value, name, allow_none=allow_none, error=ConfigError)
 
 
 @dataclass(frozen=True, slots=True)

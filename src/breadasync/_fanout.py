@@ -1,207 +1,43 @@
-"""Fan-out: start and watch rollouts across many targets with one scheduler.
+"""The watch engine: start and watch stim or rollout jobs, of one target or of many, with
+one scheduler.
 
 One dispatcher keeps a heap of targets by the time their next request is due and hands due
 ones to short tasks, at most ``concurrency`` at a time (and always under the client's own
 limits). So 10,000 watched targets are 10,000 small records and one timer, not 10,000
 sleeping tasks. A target's failure (an error answer, a failed job, its deadline) becomes its
 result and never touches the others, unless the caller asked to fail fast.
+
+The same engine serves ``rollout_many``, ``wait_many``, ``as_completed`` and, for a single
+target, ``run(poll=True)`` and ``wait`` (:func:`watch`).
 """
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._config import NOT_GIVEN, NotGiven, PollPolicy
+from ._api import Api, JobKind
+from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
 from ._errors import (
     BadRequestError,
     BreadError,
-    InvalidArgumentError,
     JobError,
     JobFailedError,
     PollTimeoutError,
 )
-from ._models import JobState, JobStatus
+from ._models import JobState, JobStatus, ProgressCallback, TargetRef
 from ._polling import PollSchedule
-from ._results import Results
-from ._validation import check_int, check_name, check_seconds
-
-if TYPE_CHECKING:
-    from ._client import BreadClient
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class TargetRef:
-    """One target of one repo."""
-
-    repo_name: str
-    target_name: str
-
-    def __str__(self) -> str:
-        return f"{self.repo_name}/{self.target_name}"
-
-
-TargetLike = str | tuple[str, str] | TargetRef
-"""A target name (with ``repo_name=``), a ``(repo, target)`` pair, or a :class:`TargetRef`."""
-
-
-class Outcome(enum.StrEnum):
-    """How a target ended in a fan-out."""
-
-    COMPLETE = "complete"
-    """The job completed."""
-    FAILED = "failed"
-    """The job failed on the service (``error`` is a :class:`JobFailedError`)."""
-    ERROR = "error"
-    """A request failed: no such target, a missing prerequisite, retries exhausted..."""
-    TIMEOUT = "timeout"
-    """A deadline passed first (``error`` is a :class:`PollTimeoutError`)."""
-    STARTED = "started"
-    """Started (or already running) and not watched: ``wait=False``."""
-
-
-@dataclass(frozen=True, slots=True)
-class RolloutResult:
-    """What happened to one target.
-
-    Attributes:
-        target: Which target.
-        outcome: How it ended.
-        status: Its last known job status (``None`` if none was read).
-        error: Why it did not complete, for ``FAILED``, ``ERROR`` and ``TIMEOUT``.
-        started, finished: When its first request left and its result was known
-            (``anyio.current_time()`` seconds).
-        polls: Status reads made for it (rollout and, with ``wait_for_stim``, stim).
-        requests: Requests made for it, its start included (retries not counted).
-    """
-
-    target: TargetRef
-    outcome: Outcome
-    status: JobStatus | None
-    error: BreadError | None
-    started: float
-    finished: float
-    polls: int
-    requests: int
-
-    @property
-    def ok(self) -> bool:
-        """Whether the target got what was asked: complete, or started when not waiting."""
-        return self.outcome in (Outcome.COMPLETE, Outcome.STARTED)
-
-    @property
-    def lines(self) -> int | None:
-        """Lines of the job at the end, if known."""
-        return self.status.lines if self.status is not None else None
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds from its first request to its result."""
-        return self.finished - self.started
-
-
-@dataclass(frozen=True, slots=True)
-class FanoutSummary:
-    """Counts of outcomes."""
-
-    total: int
-    complete: int
-    failed: int
-    errored: int
-    timed_out: int
-    started: int
-    lines: int
-    """Lines of the complete jobs, together."""
-
-    def __str__(self) -> str:
-        parts = [f"{self.complete} complete"]
-        for count, label in (
-            (self.failed, "failed"),
-            (self.errored, "errored"),
-            (self.timed_out, "timed out"),
-            (self.started, "started"),
-        ):
-            if count:
-                parts.append(f"{count} {label}")
-        noun = "target" if self.total == 1 else "targets"
-        return f"{self.total} {noun}: {', '.join(parts)} ({self.lines:,} lines)"
-
-
-class RolloutResults(Results[RolloutResult]):
-    """One :class:`RolloutResult` per input target, in input order."""
-
-    def __repr__(self) -> str:
-        return f"<RolloutResults {self.summary()}>"
-
-    def summary(self) -> FanoutSummary:
-        """How many completed, failed, errored, timed out, or were only started."""
-        count = dict.fromkeys(Outcome, 0)
-        lines = 0
-        for result in self._results:
-            count[result.outcome] += 1
-            if result.outcome is Outcome.COMPLETE:
-                lines += result.lines or 0
-        return FanoutSummary(
-            total=len(self._results),
-            complete=count[Outcome.COMPLETE],
-            failed=count[Outcome.FAILED],
-            errored=count[Outcome.ERROR],
-            timed_out=count[Outcome.TIMEOUT],
-            started=count[Outcome.STARTED],
-            lines=lines,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class RolloutUpdate:
-    """A progress report for ``on_progress``: a target's newest status, and its result once
-    it has one."""
-
-    target: TargetRef
-    status: JobStatus | None
-    result: RolloutResult | None
-
-
-ProgressCallback = Callable[[RolloutUpdate], Any]
-
-
-def normalise_targets(targets: Iterable[TargetLike], repo_name: str | None) -> list[TargetRef]:
-    """The targets as :class:`TargetRef`, checked; nothing is sent if one is invalid."""
-    if isinstance(targets, str | TargetRef):
-        raise InvalidArgumentError("targets must be an iterable of targets, not a single one")
-    if repo_name is not None:
-        check_name(repo_name, "repo_name")
-    refs = []
-    for item in targets:
-        if isinstance(item, TargetRef):
-            ref = item
-        elif isinstance(item, str):
-            if repo_name is None:
-                raise InvalidArgumentError(
-                    f"target {item!r} has no repo: pass repo_name=..., or (repo, target) pairs"
-                )
-            ref = TargetRef(repo_name, item)
-        elif isinstance(item, tuple) and len(item) == 2:
-            ref = TargetRef(*item)
-        else:
-            raise InvalidArgumentError(
-                f"{item!r} is not a target: give a name, a (repo, target) pair or a TargetRef"
-            )
-        check_name(ref.repo_name, "repo_name")
-        check_name(ref.target_name, "target_name")
-        refs.append(ref)
-    return refs
-
+from ._results import Outcome, RolloutResult, RolloutResults, RolloutUpdate
+from ._validation import check_int, check_seconds
 
 _Phase = Literal["start", "stim", "poll"]
 
@@ -232,13 +68,19 @@ class _Entry:
 
 
 class Fanout:
-    """The engine behind ``rollout_many``, ``wait_many`` and ``as_completed``."""
+    """The engine behind ``rollout_many``, ``wait_many``, ``as_completed``, ``run`` and
+    ``wait``: drives each target's ``kind`` job to a result.
+
+    ``request_timeout`` and ``idempotency_key`` are the per-request options of a single
+    call (``run``); ``start_hint`` says how to start a job found never started.
+    """
 
     def __init__(
         self,
-        client: BreadClient,
+        api: Api,
         refs: list[TargetRef],
         *,
+        kind: JobKind = "rollout",
         start: bool,
         wait: bool,
         wait_for_stim: bool,
@@ -248,21 +90,30 @@ class Fanout:
         total_timeout: float | None,
         fail_fast: bool,
         user_id: str | NotGiven | None,
-        on_progress: ProgressCallback | None,
+        on_progress: ProgressCallback[RolloutUpdate] | None,
+        request_timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        idempotency_key: str | None = None,
+        start_hint: str = "rollout_many",
+        timeout_name: str = "target_timeout",
     ) -> None:
-        self._target_timeout = check_seconds(target_timeout, "target_timeout")
+        self._target_timeout = check_seconds(target_timeout, timeout_name)
+        self._timeout_name = timeout_name
         self._total_timeout = check_seconds(total_timeout, "total_timeout")
         limit = check_int(
-            client.max_concurrency if concurrency is None else concurrency, "concurrency", 1
+            api.max_concurrency if concurrency is None else concurrency, "concurrency", 1
         )
         # Resolved once: an invalid user_id fails the call, not every target in turn.
-        self._user_id = client._user(user_id)
-        self._client = client
+        self._user_id = api.user(user_id)
+        self._api = api
+        self._kind: JobKind = kind
         self._wait = wait
-        self._wait_for_stim = wait_for_stim
-        self._policy = client.poll_policy if poll_policy is NOT_GIVEN else poll_policy
+        self._wait_for_stim = wait_for_stim and kind == "rollout"
+        self._policy = api.poll_policy if poll_policy is NOT_GIVEN else poll_policy
         self._fail_fast = fail_fast
         self._on_progress = on_progress
+        self._request_timeout = request_timeout
+        self._idempotency_key = idempotency_key
+        self._start_hint = start_hint
         self._slots = anyio.CapacityLimiter(limit)
         phase: _Phase = "start" if start else "poll"
         unique = dict.fromkeys(refs)
@@ -282,8 +133,13 @@ class Fanout:
             heapq.heappush(self._heap, (now, next(self._seq), entry))
         with anyio.CancelScope(deadline=now + (self._total_timeout or math.inf)) as scope:
             self._scope = scope
-            async with anyio.create_task_group() as tg:
-                await self._dispatch(tg)
+            try:
+                async with anyio.create_task_group() as tg:
+                    await self._dispatch(tg)
+            except BaseExceptionGroup as group:
+                # A bug or a raising callback. One error is raised as itself; several stay
+                # together, so no sibling's error is lost.
+                raise _unwrap(group) from None
         if self._fatal is None:
             for entry in self._entries.values():
                 if not entry.done:
@@ -323,16 +179,20 @@ class Fanout:
             if self._target_timeout is not None:
                 entry.deadline = now + self._target_timeout
         elif now >= entry.deadline:
-            self._timeout(entry, f"target_timeout={self._target_timeout} s")
+            self._timeout(entry, f"{self._timeout_name}={self._target_timeout} s")
             return None
         ref = entry.ref
-        rollout = self._client.targets.rollout
+        api = self._api
         entry.requests += 1
         try:
             if entry.phase == "start":
                 try:
-                    status = await rollout.run(
-                        ref.target_name, repo_name=ref.repo_name, poll=False, user_id=self._user_id
+                    status = await api.start_job(
+                        ref,
+                        self._kind,
+                        user_id=self._user_id,
+                        timeout=self._request_timeout,
+                        idempotency_key=self._idempotency_key,
                     )
                 except BadRequestError as exc:
                     if not self._wait_for_stim:
@@ -340,35 +200,34 @@ class Fanout:
                     return await self._check_stim(entry, exc)
             elif entry.phase == "stim":
                 entry.polls += 1
-                stim = await self._client.targets.stim.get(
-                    ref.target_name, repo_name=ref.repo_name, user_id=self._user_id
-                )
+                stim = await api.get_job(ref, "stim", user_id=self._user_id)
                 return self._after_stim(entry, stim)
             else:
                 entry.polls += 1
-                status = await rollout.get(
-                    ref.target_name, repo_name=ref.repo_name, user_id=self._user_id
+                status = await api.get_job(
+                    ref, self._kind, user_id=self._user_id, timeout=self._request_timeout
                 )
                 if status.status is JobState.NOT_STARTED and entry.status is None:
                     raise JobError(
-                        f"rollout of {ref} has not been started; start it with rollout_many",
+                        f"{self._kind} of {ref} has not been started; start it with "
+                        f"{self._start_hint}",
                         repo_name=ref.repo_name,
                         target_name=ref.target_name,
-                        kind="rollout",
+                        kind=self._kind,
                         job=status,
                     )
         except BreadError as exc:
             self._finish(entry, Outcome.ERROR, exc)
             return None
-        return self._after_rollout(entry, status)
+        return self._after_job(entry, status)
 
-    def _after_rollout(self, entry: _Entry, status: JobStatus) -> float | None:
+    def _after_job(self, entry: _Entry, status: JobStatus) -> float | None:
         entry.status = status
         ref = entry.ref
         if status.is_complete:
             self._finish(entry, Outcome.COMPLETE, None)
         elif status.is_failed:
-            error = JobFailedError.of("rollout", ref.repo_name, ref.target_name, status)
+            error = JobFailedError.of(self._kind, ref.repo_name, ref.target_name, status)
             self._finish(entry, Outcome.FAILED, error)
         elif not self._wait:
             self._finish(entry, Outcome.STARTED, None)
@@ -383,9 +242,7 @@ class Fanout:
         """A 400 on start with ``wait_for_stim``: wait if the stim job is still going."""
         ref = entry.ref
         entry.requests += 1
-        stim = await self._client.targets.stim.get(
-            ref.target_name, repo_name=ref.repo_name, user_id=self._user_id
-        )
+        stim = await self._api.get_job(ref, "stim", user_id=self._user_id)
         if stim.is_complete:
             # The stim is done, so the refusal was about something else (no model_name).
             self._finish(entry, Outcome.ERROR, refused)
@@ -422,12 +279,13 @@ class Fanout:
     def _timeout(self, entry: _Entry, why: str) -> None:
         ref = entry.ref
         status = entry.status or JobStatus(JobState.NOT_STARTED)
+        lines = "" if status.lines is None else f" ({status.lines} lines)"
         error = PollTimeoutError(
-            f"rollout of {ref} still {status.status} when {why} ran out; it keeps running on "
-            "the service",
+            f"{self._kind} of {ref} still {status.status}{lines} when {why} ran out; it keeps "
+            "running on the service",
             repo_name=ref.repo_name,
             target_name=ref.target_name,
-            kind="rollout",
+            kind=self._kind,
             job=status,
         )
         self._finish(entry, Outcome.TIMEOUT, error)
@@ -480,17 +338,22 @@ class AsCompleted:
     def __init__(self, fanout: Fanout, count: int) -> None:
         self._fanout = fanout
         self._count = count
-        self._tg: TaskGroup | None = None
-        self._send: MemoryObjectSendStream[RolloutResult] | None = None
+        self._stack: AsyncExitStack | None = None
         self._receive: MemoryObjectReceiveStream[RolloutResult] | None = None
 
     async def __aenter__(self) -> AsCompleted:
-        send, receive = anyio.create_memory_object_stream[RolloutResult](math.inf)
-        self._send, self._receive = send, receive
-        self._fanout.on_result = send.send_nowait
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._drive, send)
+        if self._stack is not None:
+            raise RuntimeError("an as_completed(...) block can be entered only once")
+        async with AsyncExitStack() as stack:
+            send, receive = anyio.create_memory_object_stream[RolloutResult](math.inf)
+            stack.enter_context(receive)
+            self._fanout.on_result = send.send_nowait
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            # Runs first on the way out: leaving the block stops whatever is still watched.
+            stack.callback(tg.cancel_scope.cancel)
+            tg.start_soon(self._drive, send)
+            self._stack = stack.pop_all()
+        self._receive = receive
         return self
 
     async def _drive(self, send: MemoryObjectSendStream[RolloutResult]) -> None:
@@ -503,13 +366,11 @@ class AsCompleted:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        assert self._tg is not None
-        assert self._receive is not None
-        self._tg.cancel_scope.cancel()
+        assert self._stack is not None
         try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
-        finally:
-            self._receive.close()
+            return await self._stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
 
     def __aiter__(self) -> AsCompleted:
         if self._receive is None:
@@ -528,3 +389,62 @@ class AsCompleted:
 
     def __len__(self) -> int:
         return self._count
+
+
+async def watch(
+    api: Api,
+    ref: TargetRef,
+    kind: JobKind,
+    *,
+    start: bool,
+    poll_timeout: float | None,
+    poll_policy: PollPolicy | NotGiven,
+    raise_on_failure: bool,
+    user_id: str | NotGiven | None,
+    timeout: float | Timeouts | NotGiven,
+    idempotency_key: str | None = None,
+) -> JobStatus:
+    """One target's job to a terminal state (``run(poll=True)`` and ``wait``): the engine
+    with one entry, its result turned back into a status or an error."""
+    fanout = Fanout(
+        api,
+        [ref],
+        kind=kind,
+        start=start,
+        wait=True,
+        wait_for_stim=False,
+        concurrency=1,
+        poll_policy=poll_policy,
+        target_timeout=poll_timeout,
+        total_timeout=None,
+        fail_fast=False,
+        user_id=user_id,
+        on_progress=None,
+        request_timeout=timeout,
+        idempotency_key=idempotency_key,
+        start_hint=f"client.targets.{kind}.run(...)",
+        timeout_name="poll_timeout",
+    )
+    result = (await collect(fanout, [ref]))[0]
+    if result.outcome is Outcome.COMPLETE or (
+        result.outcome is Outcome.FAILED and not raise_on_failure
+    ):
+        assert result.status is not None
+        return result.status
+    assert result.error is not None
+    raise result.error
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error of ``group`` (cancellations aside), or the group itself when it holds
+    several, so none is discarded."""
+    cancelled = anyio.get_cancelled_exc_class()
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        elif not isinstance(exc, cancelled):
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group

@@ -1,4 +1,5 @@
-"""Typed records of what the service answers. Each keeps every field it was sent in ``raw``.
+"""The data model: typed records of what the service answers (each keeps every field it was
+sent in ``raw``), the target references every layer shares, and their parsing.
 
 Parsing checks the types of the fields it reads and raises :class:`ProtocolError` (with the
 request and the offending value) instead of letting a ``KeyError`` or a wrong type escape.
@@ -7,12 +8,19 @@ request and the offending value) instead of letting a ``KeyError`` or a wrong ty
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
-from ._errors import ProtocolError
+from ._errors import InvalidArgumentError, ProtocolError
+from ._validation import check_name
+
+_U = TypeVar("_U")
+
+ProgressCallback = Callable[[_U], Any]
+"""A progress callback: ``ProgressCallback[RolloutUpdate]`` for fan-outs,
+``ProgressCallback[ExportProgress]`` for exports. Its return value is ignored."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -98,45 +106,59 @@ class JobStatus:
 
 @dataclass(frozen=True, slots=True)
 class OutputPage:
-    """One page of a job's output.
+    """One page of a job's output, and the job's status as the page reported it.
 
     Attributes:
-        status: The job's state when the page was read.
-        lines: Lines the job has produced in all (the export's expected row count).
+        job: The job's status when the page was read (``page.status``, ``page.lines``...
+            read through to it).
         offset: The offset the page starts at.
         limit: The page size asked for (a page may hold fewer rows: see ``output``).
         has_more: Whether the service says more rows follow.
         output: The rows, each a dict with every field the service sent.
-        config, error, job_id, progress_percent, total_expected: As in :class:`JobStatus`.
         raw: Every field of the answer, known or not.
     """
 
-    status: JobState
-    lines: int | None
+    job: JobStatus
     offset: int
     limit: int
     has_more: bool
     output: list[dict[str, Any]]
-    config: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    error: str | None = None
-    job_id: int | str | None = None
-    progress_percent: float | None = None
-    total_expected: int | None = None
     raw: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, repr=False)
 
     @property
-    def job(self) -> JobStatus:
-        """The job status this page carries."""
-        return JobStatus(
-            self.status,
-            self.lines,
-            self.config,
-            self.error,
-            self.job_id,
-            self.progress_percent,
-            self.total_expected,
-            self.raw,
-        )
+    def status(self) -> JobState:
+        """The job's state when the page was read."""
+        return self.job.status
+
+    @property
+    def lines(self) -> int | None:
+        """Lines the job has produced in all (the export's expected row count)."""
+        return self.job.lines
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The job's configuration."""
+        return self.job.config
+
+    @property
+    def error(self) -> str | None:
+        """The service's reason, when ``failed``."""
+        return self.job.error
+
+    @property
+    def job_id(self) -> int | str | None:
+        """The service's job id, when it sends one."""
+        return self.job.job_id
+
+    @property
+    def progress_percent(self) -> float | None:
+        """0-100 while running, when the service sends it."""
+        return self.job.progress_percent
+
+    @property
+    def total_expected(self) -> int | None:
+        """Lines the job will produce, when the service sends it."""
+        return self.job.total_expected
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +187,62 @@ class TargetList:
 
     targets: list[str]
     raw: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, repr=False)
+
+    def __iter__(self) -> Iterator[str]:
+        """The names, as the official SDK's list results iterate."""
+        return iter(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.targets
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TargetRef:
+    """One target of one repo."""
+
+    repo_name: str
+    target_name: str
+
+    def __str__(self) -> str:
+        return f"{self.repo_name}/{self.target_name}"
+
+    @classmethod
+    def of(cls, target_name: Any, repo_name: Any) -> TargetRef:
+        """A checked reference (an :class:`InvalidArgumentError` for a bad name)."""
+        return cls(check_name(repo_name, "repo_name"), check_name(target_name, "target_name"))
+
+
+TargetLike = str | tuple[str, str] | TargetRef
+"""A target name (with ``repo_name=``), a ``(repo, target)`` pair, or a :class:`TargetRef`."""
+
+
+def normalise_targets(targets: Iterable[TargetLike], repo_name: str | None) -> list[TargetRef]:
+    """The targets as :class:`TargetRef`, checked; nothing is sent if one is invalid."""
+    if isinstance(targets, str | TargetRef):
+        raise InvalidArgumentError("targets must be an iterable of targets, not a single one")
+    if repo_name is not None:
+        check_name(repo_name, "repo_name")
+    refs = []
+    for item in targets:
+        if isinstance(item, TargetRef):
+            ref = TargetRef.of(item.target_name, item.repo_name)
+        elif isinstance(item, str):
+            if repo_name is None:
+                raise InvalidArgumentError(
+                    f"target {item!r} has no repo: pass repo_name=..., or (repo, target) pairs"
+                )
+            ref = TargetRef.of(item, repo_name)
+        elif isinstance(item, tuple) and len(item) == 2:
+            ref = TargetRef.of(item[1], item[0])
+        else:
+            raise InvalidArgumentError(
+                f"{item!r} is not a target: give a name, a (repo, target) pair or a TargetRef"
+            )
+        refs.append(ref)
+    return refs
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -303,7 +381,12 @@ def parse_page(data: Any, origin: Origin) -> OutputPage:
     assert offset is not None
     assert limit is not None
     return OutputPage(
-        offset=offset, limit=limit, has_more=has_more, output=output, **_job_fields(obj, origin)
+        job=JobStatus(**_job_fields(obj, origin)),
+        offset=offset,
+        limit=limit,
+        has_more=has_more,
+        output=output,
+        raw=MappingProxyType(obj),
     )
 
 

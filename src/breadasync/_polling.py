@@ -1,4 +1,5 @@
-"""Adaptive polling: when to ask a running job for its status next."""
+"""Adaptive polling: when to ask a running job for its status next (the pure schedule; the
+watch engine in ``_fanout`` sends the polls)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,26 @@ import random
 from ._config import PollPolicy
 from ._models import JobStatus
 
+LAG_RATIO = 0.25
+"""The next poll comes at most this fraction of the time watched so far after the last one,
+so a job that says nothing about its progress is still seen complete within about a quarter
+of its age (a 6 s job within ~1.5 s), while a long job is polled ever more rarely."""
+
 
 class PollSchedule:
     """The poll intervals of one job.
 
     Intervals start at ``policy.initial`` and grow by ``policy.factor`` up to
-    ``policy.maximum``. When the job reports progress (``progress_percent``, or ``lines``
+    ``policy.maximum``, but never beyond :data:`LAG_RATIO` of the time the job has been
+    watched (and never below ``policy.initial`` for that reason): the service may report no
+    progress at all (only ``lines``, or ``lines`` 0 until the end), and then the job's age is
+    the only guide. When the job does report progress (``progress_percent``, or ``lines``
     against ``total_expected``), the rate between two readings gives an estimate of when it
-    will finish, and the next poll comes no later than that, so a job is seen complete soon
-    after it completes without polling a long job often. Jitter spreads many schedules apart.
+    will finish, and the next poll comes no later than that. Jitter spreads many schedules
+    apart.
     """
 
-    __slots__ = ("_eta", "_interval", "_last", "_read_at", "_rng", "policy", "polls")
+    __slots__ = ("_eta", "_first", "_interval", "_last", "_read_at", "_rng", "policy", "polls")
 
     def __init__(self, policy: PollPolicy, rng: random.Random | None = None) -> None:
         self.policy = policy
@@ -26,6 +35,7 @@ class PollSchedule:
         self._interval: float | None = None
         self._last: tuple[float, float] | None = None
         self._read_at: float | None = None
+        self._first: float | None = None
         self._eta: float | None = None
         self._rng = rng or random.Random()
 
@@ -33,6 +43,8 @@ class PollSchedule:
         """Record a status read at time ``now`` (seconds, any monotonic clock)."""
         progress = status.progress
         previous_read, self._read_at = self._read_at, now
+        if self._first is None:
+            self._first = now
         if progress is None:
             self._eta = None
             return
@@ -55,6 +67,9 @@ class PollSchedule:
             delay = policy.initial
         else:
             delay = min(policy.maximum, self._interval * policy.factor)
+        if self._first is not None and self._read_at is not None:
+            age = self._read_at - self._first
+            delay = min(delay, max(policy.initial, age * LAG_RATIO))
         if self._eta is not None:
             # Aim just past the estimated finish.
             delay = min(delay, self._eta * 1.05)

@@ -1,4 +1,5 @@
-"""Checks of call arguments, made before anything is sent."""
+"""Checks of call arguments (names, ints, seconds, user ids) and the paths built from them,
+made before anything is sent."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def check_name(value: Any, what: str) -> str:
         raise InvalidArgumentError(f"{what} must not be empty")
     if value in (".", ".."):
         raise InvalidArgumentError(f"{what} must not be {value!r} (it would change the URL path)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate (e.g. from os.fsdecode of a bad file name) cannot travel in a URL.
+        raise InvalidArgumentError(
+            f"{what} {value!r} is not valid Unicode (a lone surrogate at index {exc.start})"
+        ) from None
     bad = next((c for c in value if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
     if bad is not None:
         raise InvalidArgumentError(
@@ -52,12 +60,22 @@ def check_int(
     return value
 
 
-def check_seconds(value: Any, what: str) -> float | None:
-    """``value`` if it is ``None`` (no bound) or a number of seconds > 0."""
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
-    ):
-        raise InvalidArgumentError(f"{what} must be > 0 seconds, got {value!r}")
+def check_seconds(
+    value: Any,
+    what: str,
+    *,
+    allow_none: bool = True,
+    error: type[BreadError] = InvalidArgumentError,
+) -> float | None:
+    """``value`` if it is a number of seconds > 0 (or ``None``, "no bound", when allowed);
+    else ``error``. The one seconds check of every option, call arguments and settings."""
+    if value is None:
+        if not allow_none:
+            raise error(f"{what} must be a positive number of seconds, not None")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        # ``not value > 0`` also refuses NaN.
+        raise error(f"{what} must be a positive number of seconds, got {value!r}")
     return value
 
 

@@ -377,7 +377,7 @@ async def cmd_rollout(args: argparse.Namespace, ui: Ui) -> int:
 async def cmd_status(args: argparse.Namespace, ui: Ui) -> int:
     import anyio
 
-    from ._fanout import normalise_targets
+    from ._models import normalise_targets
 
     refs = normalise_targets(args.targets, args.repo)
     found: dict[str, dict[str, Any]] = {}

@@ -34,8 +34,7 @@ from breadasync._errors import (
     UnfinishedJobError,
     first_error,
 )
-from breadasync._fanout import TargetLike, TargetRef, normalise_targets
-from breadasync._models import JobState, JobStatus
+from breadasync._models import JobState, JobStatus, TargetLike, TargetRef, normalise_targets
 from breadasync._results import Results
 from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name
 from breadasync._version import __version__
@@ -46,7 +45,7 @@ from ._schema import SCHEMA, SCHEMA_VERSION
 from ._store import JOURNAL, MANIFEST, LocalDestination, PartFile, PartRecord, describe_os_error
 
 if TYPE_CHECKING:
-    from breadasync._client import BreadClient
+    from breadasync._api import Api
     from breadasync._config import NotGiven
 
 Compression = Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"]
@@ -341,7 +340,7 @@ class Exporter:
 
     def __init__(
         self,
-        client: BreadClient,
+        client: Api,
         options: ExportOptions,
         user_id: str | NotGiven | None,
         on_progress: ProgressCallback | None = None,
@@ -349,7 +348,7 @@ class Exporter:
         self._client = client
         self._options = options
         # Resolved once: an invalid user_id fails before anything is sent, and pages skip it.
-        self._user_id = client._user(user_id)
+        self._user_id = client.user(user_id)
         self._on_progress = on_progress
         # One limit for every target this exporter handles (export_many shares it).
         self._limiter = anyio.CapacityLimiter(options.concurrency)
@@ -358,9 +357,7 @@ class Exporter:
     async def plan(self, target: TargetRef, dest: str) -> tuple[ExportPlan, JobStatus]:
         """Read the job's status and plan the export (refusing an unfinished job unless a
         partial export is allowed)."""
-        job = await self._client.targets.rollout.get(
-            target.target_name, repo_name=target.repo_name, user_id=self._user_id
-        )
+        job = await self._client.get_job(target, "rollout", user_id=self._user_id)
         if job.status is JobState.NOT_STARTED or (
             not job.is_complete and not self._options.allow_partial
         ):

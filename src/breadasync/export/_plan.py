@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from breadasync._fanout import TargetRef
+from breadasync._models import TargetRef
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,15 +16,14 @@ import pyarrow as pa
 from anyio.streams.memory import MemoryObjectSendStream
 
 from breadasync._errors import DataIntegrityError, ProtocolError
-from breadasync._fanout import TargetRef
-from breadasync._models import JobState, Origin, parse_page
+from breadasync._models import JobState, Origin, TargetRef, parse_page
 from breadasync._transport import decode_json
 from breadasync._validation import target_path
 
 from ._schema import fast_page_to_batch, rows_to_batch
 
 if TYPE_CHECKING:
-    from breadasync._client import BreadClient
+    from breadasync._api import Api
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +88,7 @@ class RangeReader:
 
     def __init__(
         self,
-        client: BreadClient,
+        client: Api,
         target: TargetRef,
         *,
         expected_lines: int,
@@ -150,7 +149,7 @@ class RangeReader:
         while offset < end:
             limit = end - offset
             async with self._limiter:
-                response = await self._client._get_raw(
+                response = await self._client.get_raw(
                     self._path, {"limit": limit, "offset": offset}, self._user_id
                 )
             self.requests += 1
@@ -166,7 +165,7 @@ class RangeReader:
                     limiter=self._decode_limiter,
                 )
             except ProtocolError as exc:
-                raise self._client._transport.scrubbed(exc) from None
+                raise self._client.scrubbed(exc) from None
             self._check(decoded, response.path, offset)
             batches.append(decoded.batch)
             offset += decoded.batch.num_rows

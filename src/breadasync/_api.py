@@ -1,0 +1,144 @@
+"""The API layer under the :class:`~breadasync.BreadClient` facade: one transport, the user
+override, the endpoint paths, answer parsing and raw page fetches.
+
+The resources (``client.targets``...), the fan-out and watch engine and the exporter depend
+on :class:`Api`, never on ``BreadClient``, so dependencies point one way: facade -> engines
+-> this layer -> transport. Nothing here imports the engines or the exporter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar
+
+from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
+from ._errors import ProtocolError
+from ._models import JobStatus, Origin, TargetRef, parse_job
+from ._transport import ClientStats, Response, Transport, decode_json
+from ._validation import check_user_id, target_path
+
+_T = TypeVar("_T")
+
+JobKind = Literal["stim", "rollout"]
+"""Which of a target's two jobs: stimulus generation or rollout."""
+
+
+class Api:
+    """Calls of the Bread API with one client's transport, user and poll defaults.
+
+    Args:
+        transport: Sends the requests (limits, retries and error mapping included).
+        user_id: The default ``X-User-Id`` (already checked), or ``None``.
+        poll_policy: The default poll spacing of waits and fan-outs.
+        max_concurrency: The configured ceiling of requests in flight (the default
+            concurrency of a fan-out).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        user_id: str | None,
+        poll_policy: PollPolicy,
+        max_concurrency: int,
+    ) -> None:
+        self._transport = transport
+        self.user_id = user_id
+        self.poll_policy = poll_policy
+        self.max_concurrency = max_concurrency
+
+    @property
+    def base_url(self) -> str:
+        """Where requests go."""
+        return self._transport.base_url
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of the transport's counters."""
+        return self._transport.stats()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the transport was closed."""
+        return self._transport.closed
+
+    async def aclose(self) -> None:
+        """Close the transport (and its connection pool)."""
+        await self._transport.aclose()
+
+    def user(self, user_id: str | NotGiven | None) -> str | None:
+        """The user a call acts for: the default when not given, else ``user_id`` checked."""
+        if user_id is NOT_GIVEN:
+            return self.user_id
+        return check_user_id(user_id)
+
+    def scrubbed(self, error: ProtocolError) -> ProtocolError:
+        """``error`` without the API key, should a broken answer have echoed it."""
+        return self._transport.scrubbed(error)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        parse: Callable[[Any, Origin], _T],
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        idempotency_key: str | None = None,
+    ) -> _T:
+        """Send one request and parse its JSON answer with ``parse``."""
+        response = await self._transport.request(
+            method,
+            path,
+            params=params,
+            json_body=body,
+            user_id=self.user(user_id),
+            timeouts=None if timeout is NOT_GIVEN else Timeouts.of(timeout),
+            idempotency_key=idempotency_key,
+        )
+        try:
+            data = decode_json(
+                response.body, method=method, path=response.path, status=response.status
+            )
+            return parse(data, Origin(method, response.path, response.status))
+        except ProtocolError as exc:
+            raise self.scrubbed(exc) from None
+
+    async def get_raw(self, path: str, params: Mapping[str, Any], user_id: str | None) -> Response:
+        """A GET whose body the caller decodes (the exporter, off the event loop);
+        ``user_id`` is already resolved (:meth:`user`)."""
+        return await self._transport.request("GET", path, params=params, user_id=user_id)
+
+    async def get_job(
+        self,
+        ref: TargetRef,
+        kind: JobKind,
+        *,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+    ) -> JobStatus:
+        """A job's current status (``not_started`` if it never started)."""
+        path = target_path(ref.repo_name, ref.target_name, kind)
+        return await self.call("GET", path, parse_job, user_id=user_id, timeout=timeout)
+
+    async def start_job(
+        self,
+        ref: TargetRef,
+        kind: JobKind,
+        *,
+        user_id: str | NotGiven | None = NOT_GIVEN,
+        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        idempotency_key: str | None = None,
+    ) -> JobStatus:
+        """Start a job (idempotent on the service: a running or finished job is reported)."""
+        path = target_path(ref.repo_name, ref.target_name, kind)
+        return await self.call(
+            "POST",
+            path,
+            parse_job,
+            user_id=user_id,
+            timeout=timeout,
+            idempotency_key=idempotency_key,
+        )
