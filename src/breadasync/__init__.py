@@ -7,7 +7,8 @@ Everything public is importable from here; the export results load lazily (with 
 """
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from ._client import BreadClient, Rollout, Stim, Targets
 from ._config import NOT_GIVEN, Limits, PollPolicy, RetryPolicy, Timeouts
@@ -47,7 +48,7 @@ from ._results import FanoutSummary, Outcome, RolloutResult, RolloutResults, Rol
 from ._transport import ClientStats
 from ._version import __version__
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from .export import ExportResult, ExportResults
 
 _LAZY = {"ExportResult": "breadasync.export", "ExportResults": "breadasync.export"}
@@ -55,7 +56,7 @@ _LAZY = {"ExportResult": "breadasync.export", "ExportResults": "breadasync.expor
 breadasync`` (or ``breadasync --version``) must not pay for."""
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'breadasync' has no attribute {name!r}")

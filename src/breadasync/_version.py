@@ -1,1 +1,3 @@
+"""The package version (the same as pyproject.toml's)."""
+
 __version__ = "0.1.0"
