@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from breadasync import (
     BreadClient,
+    ConfigError,
+    InvalidArgumentError,
     JobFailedError,
     JobState,
+    JobStatus,
+    Limits,
     PollPolicy,
     PollTimeoutError,
 )
@@ -225,3 +231,126 @@ async def test_a_bad_poll_timeout_is_refused_before_the_job_starts(
         await client.targets.rollout.run("t", repo_name="r", poll_timeout=0)
     assert bread_emulator.stats.count() == 0
     assert bread_emulator.stats.jobs_started() == 0
+
+
+# --- the official SDK's call shapes ----------------------------------------------------------
+
+# The public call shapes of aibread 1.4.0's AsyncBread for the resources breadasync implements
+# (read from inspect.signature of aibread.resources.targets.*): the parameters it takes
+# positionally, then those it takes by keyword. Its transport-only options (x_user_id,
+# extra_headers, extra_query, extra_body) have no counterpart here.
+SDK_SHAPES: dict[str, tuple[list[str], list[str]]] = {
+    "targets.create": (
+        ["repo_name"],
+        ["target_name", "template", "overrides", "user_id", "timeout", "idempotency_key"],
+    ),
+    "targets.get": (["target_name"], ["repo_name", "user_id", "timeout"]),
+    "targets.list": (["repo_name"], ["user_id", "timeout"]),
+    "targets.stim.run": (
+        ["target_name"],
+        ["repo_name", "poll", "user_id", "timeout", "idempotency_key"],
+    ),
+    "targets.stim.get": (["target_name"], ["repo_name", "user_id", "timeout"]),
+    "targets.stim.get_output": (
+        ["target_name"],
+        ["repo_name", "limit", "offset", "user_id", "timeout"],
+    ),
+    "targets.rollout.run": (
+        ["target_name"],
+        ["repo_name", "poll", "user_id", "timeout", "idempotency_key"],
+    ),
+    "targets.rollout.get": (["target_name"], ["repo_name", "user_id", "timeout"]),
+    "targets.rollout.get_output": (
+        ["target_name"],
+        ["repo_name", "limit", "offset", "user_id", "timeout"],
+    ),
+}
+
+
+def _method(client: BreadClient, dotted: str) -> Any:
+    value: Any = client
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@pytest.mark.parametrize("dotted", sorted(SDK_SHAPES))
+def test_every_sdk_call_shape_binds(client: BreadClient, dotted: str) -> None:
+    positional, keywords = SDK_SHAPES[dotted]
+    signature = inspect.signature(_method(client, dotted))
+    params = list(signature.parameters.values())
+    for i, name in enumerate(positional):
+        assert params[i].name == name
+        assert params[i].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    values = {name: f"v{i}" for i, name in enumerate(positional + keywords)}
+    # As the SDK's users write it: positionally where it may, by keyword for the rest...
+    signature.bind(*(values[n] for n in positional), **{k: values[k] for k in keywords})
+    # ...and everything by keyword, which the SDK accepts too.
+    signature.bind(**values)
+
+
+async def test_sdk_call_shapes_work_against_the_service(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    created = await client.targets.create(
+        "sdk_repo", target_name="t", template="default", overrides={"model_name": "m"}
+    )
+    assert created.target_name == "t"
+    listed = await client.targets.list("sdk_repo")
+    assert list(listed) == ["t"]  # list results iterate, as the SDK's do
+    assert "t" in listed
+    assert len(listed) == 1
+    assert (await client.targets.get("t", repo_name="sdk_repo")).config["model_name"] == "m"
+    stim = await client.targets.stim.run("t", repo_name="sdk_repo", poll=True)
+    assert stim.is_complete
+    page = await client.targets.stim.get_output("t", repo_name="sdk_repo", limit=5, offset=0)
+    assert page.output
+    status = await client.targets.rollout.run("t", repo_name="sdk_repo", poll=False)
+    assert status.status is not JobState.NOT_STARTED
+    assert (await client.targets.rollout.get("t", repo_name="sdk_repo")).status is not None
+
+
+async def test_an_output_page_carries_its_job_status(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "t", rows=7, rollout="complete")
+    page = await client.targets.rollout.get_output("t", repo_name="r", limit=5)
+    assert isinstance(page.job, JobStatus)
+    assert page.job.is_complete
+    assert (page.status, page.lines) == (JobState.COMPLETE, 7)
+    assert (page.config, page.error, page.job_id) == (page.job.config, None, page.job.job_id)
+    assert (page.offset, page.limit, len(page.output), page.has_more) == (0, 5, 5, True)
+
+
+LONE = "t\udc80"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.targets.get(LONE, repo_name="r"),
+        lambda c: c.targets.get("t", repo_name=LONE),
+        lambda c: c.targets.create(LONE, target_name="t"),
+        lambda c: c.targets.rollout.run(LONE, repo_name="r"),
+        lambda c: c.targets.rollout.wait("t", repo_name=LONE),
+        lambda c: c.rollout_many([LONE], repo_name="r"),
+        lambda c: c.wait_many([("r", LONE)]),
+        lambda c: c.export_rollout(LONE, repo_name="r", dest="unused"),
+    ],
+)
+async def test_a_lone_surrogate_in_a_name_is_an_invalid_argument(
+    client: BreadClient, bread_emulator: Emulator, call: Callable[[BreadClient], Any]
+) -> None:
+    with pytest.raises(InvalidArgumentError, match="not valid Unicode"):
+        await call(client)
+    assert bread_emulator.stats.count() == 0  # nothing was sent
+
+
+async def test_limits_are_accepted_as_one_setting(bread_emulator: Emulator) -> None:
+    limits = Limits(max_concurrency=3, max_requests_per_second=500, max_body_bytes=4096)
+    async with BreadClient(bread_emulator.api_key, bread_emulator.url, limits=limits) as client:
+        assert client.max_concurrency == 3
+        assert client.stats.max_concurrency == 3
+        assert "max_concurrency=3" in repr(client)
+    with pytest.raises(ConfigError, match="limits must be a Limits"):
+        BreadClient(bread_emulator.api_key, bread_emulator.url, limits=3)  # type: ignore[arg-type]
