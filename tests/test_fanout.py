@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,14 +18,19 @@ from breadasync import (
     InvalidArgumentError,
     JobError,
     JobFailedError,
+    JobState,
+    JobStatus,
     NotFoundError,
     Outcome,
     PollPolicy,
     PollTimeoutError,
     RetryPolicy,
+    RolloutResults,
     RolloutUpdate,
     TargetRef,
 )
+from breadasync._config import NOT_GIVEN
+from breadasync._fanout import Fanout, _unwrap, collect
 from breadasync.emulator import Emulator, Faults, TargetPlan
 from tests.conftest import quiet
 
@@ -343,3 +351,122 @@ async def test_fail_fast_with_a_total_timeout_raises_the_timeout(
     bread_emulator.add_target("r", "endless", plan=TargetPlan(rollout_seconds=10**6))
     with pytest.raises(PollTimeoutError, match="total_timeout"):
         await fan_client.rollout_many(["endless"], repo_name="r", total_timeout=0.3, fail_fast=True)
+
+
+# --- the engine in-process, on a virtual clock ------------------------------------------------
+
+
+class _VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to the next timer whenever nothing is ready, so an
+    engine's sleeps and deadlines run in simulated seconds, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._virtual_now = 0.0
+
+    def time(self) -> float:
+        return self._virtual_now
+
+    def _run_once(self) -> None:
+        ready, scheduled = self._ready, self._scheduled  # type: ignore[attr-defined]
+        if not ready and scheduled:
+            self._virtual_now = max(self._virtual_now, scheduled[0].when())
+        super()._run_once()  # type: ignore[misc]
+
+
+class _SilentJobsApi:
+    """The part of the API layer the engine uses, serving jobs that report no progress:
+    ``lines`` 0 until complete (``grow=False``) or growing ``lines`` with no total."""
+
+    def __init__(self, durations: dict[TargetRef, float], *, grow: bool) -> None:
+        self.user_id = None
+        self.poll_policy = PollPolicy()  # the production default
+        self.max_concurrency = 64
+        self._durations = durations
+        self._grow = grow
+        self.started: dict[TargetRef, float] = {}
+        self.starts: Counter[TargetRef] = Counter()
+        self.finished_at: dict[TargetRef, float] = {}
+
+    def user(self, user_id: object) -> None:
+        return None
+
+    def _status(self, ref: TargetRef) -> JobStatus:
+        now = asyncio.get_running_loop().time()
+        age = now - self.started[ref]
+        duration = self._durations[ref]
+        if age >= duration:
+            self.finished_at.setdefault(ref, self.started[ref] + duration)
+            return JobStatus(JobState.COMPLETE, lines=1000)
+        lines = int(1000 * age / duration) if self._grow else 0
+        return JobStatus(JobState.RUNNING, lines=lines)
+
+    async def start_job(self, ref: TargetRef, kind: str, **_: object) -> JobStatus:
+        await asyncio.sleep(0.005)  # a request's latency
+        self.starts[ref] += 1
+        self.started.setdefault(ref, asyncio.get_running_loop().time())
+        return self._status(ref)
+
+    async def get_job(self, ref: TargetRef, kind: str, **_: object) -> JobStatus:
+        await asyncio.sleep(0.005)
+        return self._status(ref)
+
+
+@pytest.mark.parametrize("grow", [False, True], ids=["lines-0-until-done", "lines-only"])
+def test_300_silent_jobs_are_seen_complete_soon_with_few_polls(grow: bool) -> None:
+    rng = random.Random(300)
+    refs = [TargetRef("r", f"t{i}") for i in range(300)]
+    api = _SilentJobsApi({ref: rng.uniform(1, 6) for ref in refs}, grow=grow)
+
+    async def main() -> RolloutResults:
+        fanout = Fanout(
+            api,  # type: ignore[arg-type]
+            refs,
+            start=True,
+            wait=True,
+            wait_for_stim=False,
+            concurrency=None,
+            poll_policy=NOT_GIVEN,
+            target_timeout=None,
+            total_timeout=None,
+            fail_fast=False,
+            user_id=NOT_GIVEN,
+            on_progress=None,
+        )
+        return await collect(fanout, refs)
+
+    loop = _VirtualClockLoop()
+    try:
+        results = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert all(r.outcome is Outcome.COMPLETE for r in results)
+    assert set(api.starts.values()) == {1}  # nothing started twice
+    slowest_end = max(api.finished_at.values())
+    assert max(r.finished for r in results) <= slowest_end + 2
+    lags = [r.finished - api.finished_at[r.target] for r in results]
+    assert max(lags) <= 2
+    polls = [r.polls for r in results]
+    assert statistics.median(polls) <= 20
+
+
+async def test_one_failure_in_a_group_is_raised_as_itself_and_several_stay_together() -> None:
+    one = ValueError("callback broke")
+    assert _unwrap(BaseExceptionGroup("g", [one, asyncio.CancelledError()])) is one
+    nested = BaseExceptionGroup("g", [ExceptionGroup("inner", [one])])
+    assert _unwrap(nested) is one
+    several = BaseExceptionGroup("g", [one, KeyError("other")])
+    assert _unwrap(several) is several
+
+
+@sped_up
+async def test_a_raising_progress_callback_is_raised_as_itself(
+    fan_client: BreadClient, bread_emulator: Emulator
+) -> None:
+    bread_emulator.add_target("r", "t", plan=TargetPlan(stimuli=5, rollout_seconds=5))
+
+    def broken(update: RolloutUpdate) -> None:
+        raise ValueError("the callback broke")
+
+    with pytest.raises(ValueError, match="the callback broke"):
+        await fan_client.rollout_many(["t"], repo_name="r", on_progress=broken)
