@@ -69,9 +69,9 @@ class BreadClient:
         user_id: Act for this user (a master key's ``X-User-Id``) on every request.
         retry: The full retry policy (``max_retries`` overrides its count when given).
         poll: How ``run(poll=True)`` and ``wait`` space their status reads.
+        max_body_bytes: The largest answer accepted (default 64 MiB).
         limits: ``max_concurrency``, ``max_requests_per_second`` and ``max_body_bytes`` as
             one :class:`Limits` (instead of the three arguments, which it overrides).
-        max_body_bytes: The largest answer accepted (default 64 MiB).
         allow_insecure_http: Allow plain http to a host that is not loopback.
         trust_env: Use proxy settings from the environment (``HTTPS_PROXY``...).
     """
