@@ -110,8 +110,10 @@ class PollPolicy:
     """How often to ask a running job for its status.
 
     The first poll comes after ``initial`` seconds; each next interval is ``factor`` times
-    the last, up to ``maximum`` (the docs recommend 10-30 s for rollouts), or sooner when
-    the job's progress says it will finish sooner; ``jitter`` spreads many pollers apart.
+    the last, up to ``maximum`` (the docs recommend 10-30 s for rollouts), but at most a
+    quarter of the time the job has been watched (a job that reports no progress is still
+    seen complete soon), or sooner when its progress says it will finish sooner; ``jitter``
+    spreads many pollers apart.
 
     Attributes:
         initial: Seconds before the first poll (default 1).
