@@ -397,9 +397,16 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser, by_name = build_parser()
     args, extras = parser.parse_known_args(argv)
     name = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
+    if hasattr(args, "targets"):
+        # Target names after an option ('a --target b c') are names too: argparse fills a
+        # positional list only once.
+        words = [e for e in extras if not e.startswith("-")]
+        if len(words) == len(extras):
+            args.targets += words
+            extras = []
     if extras:
-        # Only the first stray word, cut at '=', so a mistyped key option cannot echo a key.
-        first = extras[0].partition("=")[0] if extras[0].startswith("-") else extras[0]
+        # Only the first stray option, cut at '=', so a mistyped key option cannot echo a key.
+        first = next((e for e in extras if e.startswith("-")), extras[0]).partition("=")[0]
         raise UsageError(f"unrecognized argument: {first}", by_name[name].prog)
     args.name = name
     args.prog = by_name[name].prog
