@@ -481,3 +481,36 @@ def test_interrupted_hint_repeats_the_command_main_was_given(
     assert stderr.startswith("breadasync: interrupted: no part was committed yet. ")
     assert f"breadasync export --repo r --target t --out {out} --api-key '***'" in stderr
     assert "sk-secret-1" not in stderr
+
+
+@pytest.mark.bread_emulator(speed=0)
+def test_ctrl_c_before_any_part_is_written_promises_nothing(
+    bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    # One part of 60,000 rows: it cannot be committed before its 60 pages are in, and the
+    # signal comes after 2 of them (each page takes 0.5 s, two at a time).
+    bread_emulator.add_target("r", "t", rows=60_000, rollout="complete")
+    bread_emulator.set_faults(Faults(latency=0.5), repo="r", target="t")
+    out = tmp_path / "out"
+    argv = [str(SCRIPT), "export", "--repo", "r", "t", "--out", str(out), "--concurrency", "2"]
+    child = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(bread_emulator),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if bread_emulator.stats.count("get_rollout_output") >= 2:
+            break
+        time.sleep(0.02)  # polling another process's progress; bounded by the deadline
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 130, stderr
+    assert stderr.startswith(
+        "breadasync: interrupted: no part was committed yet: all 60,000 rows will be fetched "
+        "again. Run the same command again to resume: breadasync export --repo r t"
+    )
+    assert "kept" not in stderr
+    assert not list((out / "repo=r" / "target=t").glob("*.parquet"))
