@@ -355,3 +355,25 @@ def test_version_and_usage_errors_load_nothing_heavy() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("breadasync ")
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_readme_synopsis_matches_the_parser() -> None:
+    from breadasync.cli._args import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The command line")[1].split("\n## ")[0]
+    synopsis = re.search(r"```sh\n(.+?)```", section, re.DOTALL)
+    assert synopsis is not None
+    _, by_name = build_parser()
+    command = ""
+    seen = set()
+    for line in synopsis.group(1).splitlines():
+        line = line.split("#")[0]
+        words = line.split()
+        if words and words[0] == "breadasync":
+            command = words[1] + (" list" if words[1] == "targets" else "")
+            seen.add(command)
+        known = {s for action in by_name[command]._actions for s in action.option_strings}
+        for option in re.findall(r"--[a-z][a-z-]*", line):
+            assert option in known, (command, option)
+    assert seen == set(cli.COMMANDS)
