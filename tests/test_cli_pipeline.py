@@ -377,3 +377,26 @@ def test_readme_synopsis_matches_the_parser() -> None:
         for option in re.findall(r"--[a-z][a-z-]*", line):
             assert option in known, (command, option)
     assert seen == set(cli.COMMANDS)
+
+
+def test_an_unforeseen_error_is_one_scrubbed_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-unforeseen-0123456789"
+
+    async def broken(args: object, ui: object) -> int:
+        raise RecursionError(f"deep inside, near {key}")
+
+    monkeypatch.setitem(cli.COMMANDS, "status", broken)
+    argv = ["status", "--repo", "r", "t", "--api-key", key]
+    code, out, err = call(capsys, *argv)
+    assert (code, out) == (1, "")
+    assert err == (
+        "breadasync status: error: unexpected RecursionError: deep inside, near *** "
+        "(run with -v for the traceback)\n"
+    )
+    code, out, err = call(capsys, *argv, "-v", "--json")
+    assert code == 1
+    assert document(out)["error"]["type"] == "RecursionError"
+    assert "Traceback (most recent call last)" in err
+    assert key not in out + err

@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import sys
+import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -216,6 +217,15 @@ def _run(args: argparse.Namespace, argv: list[str], secrets: set[str], scrub: Sc
         kind, code, message = type(exc).__name__, EXIT_USAGE, str(exc)
     except (BreadError, Failure) as exc:
         kind, code, message = type(exc).__name__, EXIT_FAILED, str(exc)
+    except Exception as exc:
+        # Unforeseen (a bug, or a failure nothing typed): still one line, still scrubbed;
+        # the traceback only on request, through the same scrubbing stream.
+        kind, code = type(exc).__name__, EXIT_FAILED
+        message = f"unexpected {type(exc).__name__}: {exc}"
+        if getattr(args, "verbose", 0):
+            ui.error(traceback.format_exc().rstrip())
+        else:
+            message += " (run with -v for the traceback)"
     finally:
         undo_logging()
     if ui.json:

@@ -197,7 +197,7 @@ async def _dry_run(client: Any, args: argparse.Namespace, ui: Ui, targets: list[
         except BreadError as exc:
             ui.note(f"no byte estimate: the sample page could not be read: {exc}")
     for entry in entries:
-        if sample and "lines" in entry:
+        if sample and entry.get("would_export"):
             entry["estimated_bytes"] = round(entry["lines"] * sample["parquet_bytes_per_row"])
             entry["estimated_download_bytes"] = round(entry["lines"] * sample["json_bytes_per_row"])
     chosen = [e for e in entries if e.get("would_export")]
