@@ -164,6 +164,23 @@ def test_dry_run_prints_the_plan_and_fetches_one_sample_page(
     assert "dry run: 2 of 2 target(s) would export 3,500 rows in 4 part(s) from 14 page" in text
     assert "nothing was exported" in text
 
+    # With b exported already, its part is kept and its pages are not fetched again.
+    assert (
+        call(capsys, "export", "--repo", "r", "b", "--out", str(out), "--rows-per-part", "1000")[0]
+        == 0
+    )
+    code, text, err = call(capsys, *argv, "--json")
+    assert code == 0, err
+    again = document(text)
+    assert [(t["target"], t["parts_committed"], t["pages_to_fetch"]) for t in again["targets"]] == [
+        ("a", 0, 10),
+        ("b", 1, 0),
+    ]
+    assert (again["parts_committed"], again["pages_to_fetch"]) == (1, 10)
+    code, text, err = call(capsys, *argv, "--no-resume", "--json")
+    assert document(text)["pages_to_fetch"] == 14  # --no-resume refetches everything
+    shutil.rmtree(out)
+
     code, text, _ = call(capsys, "export", "--repo", "r", "running", "ghost", "--out", str(out),
                          "--dry-run", "--json")  # fmt: skip
     assert code == 1  # a target that would not export is a failure, as the export would be

@@ -156,6 +156,21 @@ async def _sample(client: Any, repo: str, name: str, lines: int) -> dict[str, fl
     }
 
 
+def _kept(args: argparse.Namespace, name: str, lines: int) -> list[dict[str, Any]]:
+    """The parts already committed in ``--out`` that fit the plan: a resumed export keeps
+    them (after verifying them), so their pages are not fetched again."""
+    folder = None if args.no_resume else target_folder(args.out, args.repo, name)
+    found = (committed(folder) or []) if folder is not None else []
+    step = args.rows_per_part
+    return [
+        r
+        for r in found
+        if r["start"] % step == 0
+        and r["start"] < lines
+        and r["stop"] == min(r["start"] + step, lines)
+    ]
+
+
 async def _dry_run(client: Any, args: argparse.Namespace, ui: Ui, targets: list[str]) -> int:
     import anyio
 
@@ -175,11 +190,15 @@ async def _dry_run(client: Any, args: argparse.Namespace, ui: Ui, targets: list[
             lines = job.lines or 0
             ready = job.is_complete or (args.allow_partial and str(job.status) != "not_started")
             parts, pages = _pages(lines, args.rows_per_part, args.page_size)
+            kept = _kept(args, name, lines)
             entry.update(
                 status=str(job.status),
                 lines=lines,
                 parts=parts,
                 pages=pages,
+                parts_committed=len(kept),
+                pages_to_fetch=pages
+                - sum(math.ceil((r["stop"] - r["start"]) / args.page_size) for r in kept),
                 would_export=ready,
                 error=None if ready else "the job is not complete (see --allow-partial)",
             )
@@ -209,11 +228,13 @@ async def _dry_run(client: Any, args: argparse.Namespace, ui: Ui, targets: list[
         "lines": sum(e["lines"] for e in chosen),
         "parts": sum(e["parts"] for e in chosen),
         "pages": sum(e["pages"] for e in chosen),
+        "parts_committed": sum(e["parts_committed"] for e in chosen),
+        "pages_to_fetch": sum(e["pages_to_fetch"] for e in chosen),
         "estimated_bytes": sum(e.get("estimated_bytes", 0) for e in chosen) if sample else None,
         "sample": {"target": first["target"], **sample} if sample and first else None,
         "targets": entries,
     }
-    table = Table("target", "status", "lines", "parts", "pages", "est. MB", "error")
+    table = Table("target", "status", "lines", "parts", "kept", "pages", "est. MB", "error")
     for entry in entries:
         estimate = entry.get("estimated_bytes")
         table.add_row(
@@ -221,16 +242,19 @@ async def _dry_run(client: Any, args: argparse.Namespace, ui: Ui, targets: list[
             entry.get("status", ""),
             f"{entry['lines']:,}" if "lines" in entry else "",
             str(entry.get("parts", "")),
-            str(entry.get("pages", "")),
+            str(entry.get("parts_committed", "")),
+            str(entry.get("pages_to_fetch", "")),
             "" if estimate is None else f"{estimate / 1e6:.1f}",
             entry.get("error") or "",
         )
     shown = "?" if plan["estimated_bytes"] is None else f"~{plan['estimated_bytes'] / 1e6:,.1f} MB"
     text = (
         f"dry run: {len(chosen)} of {len(entries)} target(s) would export {plan['lines']:,} "
-        f"rows in {plan['parts']:,} part(s) from {plan['pages']:,} page request(s), {shown} "
-        f"of Parquet, to {args.out_abs}; nothing was exported"
+        f"rows in {plan['parts']:,} part(s) from {plan['pages_to_fetch']:,} page request(s), "
+        f"{shown} of Parquet, to {args.out_abs}; nothing was exported"
     )
+    if plan["parts_committed"]:
+        text += f"\n({plan['parts_committed']:,} part(s) already committed there will be kept)"
     if sample:
         text += (
             f"\n(bytes estimated from {int(sample['rows'])} sampled rows of "
@@ -244,11 +268,12 @@ async def _dry_run(client: Any, args: argparse.Namespace, ui: Ui, targets: list[
 # --- Ctrl-C --------------------------------------------------------------------------------
 
 
-def committed(folder: str) -> tuple[int, int] | None:
-    """``(parts, rows)`` committed in one target's export folder, or ``None`` if unknown.
+def committed(folder: str) -> list[dict[str, Any]] | None:
+    """The part records committed in one target's export folder, or ``None`` if unknown.
 
-    Read after the export has stopped: a committed part is in the manifest (a whole export)
-    or the journal (an unfinished one); a part being written when Ctrl-C came is not.
+    Read when no export is running there: a committed part is in the manifest (a whole
+    export) or the journal (an unfinished one); a part being written when Ctrl-C came is
+    not.
     """
     try:
         from breadasync.export import LocalDestination
@@ -259,34 +284,41 @@ def committed(folder: str) -> tuple[int, int] | None:
             records = manifest["parts"]
         else:
             records = store.read_journal()[1:]
-        return len(records), sum(int(r["rows"]) for r in records)
+        for record in records:
+            int(record["rows"]), int(record["start"]), int(record["stop"])
+        return list(records)
     except Exception:  # a folder we cannot read: say nothing untrue
         return None
 
 
-def interrupted_export(watch: ExportWatch) -> tuple[str, dict[str, Any]]:
-    """What an interrupted export leaves: a sentence and its numbers, all read from disk."""
+def target_folder(out: str, repo: str, target: str) -> str | None:
+    """Where ``export`` writes one target under ``out`` (``None`` for a store URL)."""
+    if "://" in out:
+        return None
     from breadasync.export import hive_segment
 
+    return os.path.join(out, hive_segment("repo", repo), hive_segment("target", target))
+
+
+def interrupted_export(watch: ExportWatch) -> tuple[str, dict[str, Any]]:
+    """What an interrupted export leaves: a sentence and its numbers, all read from disk."""
     parts = rows = refetch = 0
     known = True
     waiting = 0
-    local = "://" not in watch.out
     for name in watch.targets:
         total = watch.totals.get(name)
         if total is None:
             waiting += 1  # never planned: nothing of it was written
             continue
-        folder = os.path.join(
-            watch.out, hive_segment("repo", watch.repo), hive_segment("target", name)
-        )
-        found = committed(folder) if local else None
+        folder = target_folder(watch.out, watch.repo, name)
+        found = committed(folder) if folder is not None else None
         if found is None:
             known = False
             continue
-        parts += found[0]
-        rows += found[1]
-        refetch += max(0, total - found[1])
+        parts += len(found)
+        done = sum(int(r["rows"]) for r in found)
+        rows += done
+        refetch += max(0, total - done)
     numbers: dict[str, Any] = {
         "parts_committed": parts if known else None,
         "rows_committed": rows if known else None,
