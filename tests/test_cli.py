@@ -143,7 +143,7 @@ def test_status_command(bread_emulator: Emulator) -> None:
     bread_emulator.add_target("r", "idle")
     done = run("status", "--repo", "r", "done", "idle", "--json", emulator=bread_emulator)
     assert done.returncode == 0, done.stderr
-    assert as_json(done) == [
+    assert as_json(done)["targets"] == [
         {
             "repo": "r",
             "target": "done",
@@ -280,7 +280,7 @@ def test_export_user_errors_are_one_clear_line(bread_emulator: Emulator, tmp_pat
         "1",
     )
     assert dead.returncode == 1
-    error = as_json(dead)[0]["error"]
+    error = as_json(dead)["targets"][0]["error"]
     assert "cannot connect to http://127.0.0.1:9" in error
     assert "gave up after 2 attempts" in error
     bad_arg = run("export", "--repo", "r", "--target", "done", "--out", out, "--page-size", "1001")
@@ -303,7 +303,7 @@ def test_export_to_a_folder_without_write_permission(
             # Root writes anywhere: run the command as a normal user would (the interpreter
             # itself lives where only root may read, so its modules load before the drop).
             code = (
-                "import os, sys, breadasync.cli, breadasync._client, "
+                "import os, sys, breadasync.cli, breadasync.cli._commands, breadasync._client, "
                 "breadasync.export._exporter, pyarrow.parquet, pyarrow.json, "
                 "pyarrow.compute; os.seteuid(65534); "
                 f"sys.exit(breadasync.cli.main({argv!r}))"
@@ -358,15 +358,19 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=30)
     assert child.returncode == 130, stderr
-    assert "interrupted: the parts already written are kept" in stderr
-    assert "run the same command again to resume" in stderr
-    assert "--api-key '***'" in stderr
-    assert bread_emulator.api_key not in stderr
     assert "Traceback" not in stderr
     assert not (folder / "_manifest.json").exists()
     assert not list(folder.glob(".part-*"))
     kept = len(journal.read_bytes().splitlines()) - 1
     assert kept >= 1
+    # The numbers are what the folder holds once the export has stopped.
+    assert (
+        f"interrupted: {kept} part(s) with {kept * 5000:,} rows are committed and will be "
+        f"kept; {60_000 - kept * 5000:,} rows will be fetched again. Run the same command "
+        "again to resume: breadasync export" in stderr
+    )
+    assert "--api-key '***'" in stderr
+    assert bread_emulator.api_key not in stderr
 
     bread_emulator.set_faults(None, repo="r", target="t")
     again = run(
@@ -386,6 +390,21 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     result = as_json(again)["targets"][0]
     assert result["parts_reused"] == kept
     assert batch_to_rows(pq.read_table(folder)) == bread_emulator.trajectories("r", "t")
+    # A run that resumes says so in its table, not only in --json.
+    table = run(
+        "export",
+        "--repo",
+        "r",
+        "t",
+        "--out",
+        str(out),
+        "--rows-per-part",
+        "5000",
+        emulator=bread_emulator,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "reused" in table.stdout.splitlines()[1]  # the table's header
+    assert "(resumed: 12 part(s) kept from an earlier run)" in table.stdout
 
 
 # --- output modes --------------------------------------------------------------------------
@@ -457,6 +476,41 @@ def test_interrupted_hint_repeats_the_command_main_was_given(
     argv = ["export", "--repo", "r", "--target", "t", "--out", out, "--api-key", "sk-secret-1"]
     assert cli.main(argv) == 130
     stderr = capsys.readouterr().err
-    # Called in-process (a script, a test), the hint must be main's argv, not sys.argv.
+    # Called in-process (a script, a test), the hint must be main's argv, not sys.argv; and
+    # nothing ran, so nothing is said to be kept.
+    assert stderr.startswith("breadasync: interrupted: no part was committed yet. ")
     assert f"breadasync export --repo r --target t --out {out} --api-key '***'" in stderr
     assert "sk-secret-1" not in stderr
+
+
+@pytest.mark.bread_emulator(speed=0)
+def test_ctrl_c_before_any_part_is_written_promises_nothing(
+    bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    # One part of 60,000 rows: it cannot be committed before its 60 pages are in, and the
+    # signal comes after 2 of them (each page takes 0.5 s, two at a time).
+    bread_emulator.add_target("r", "t", rows=60_000, rollout="complete")
+    bread_emulator.set_faults(Faults(latency=0.5), repo="r", target="t")
+    out = tmp_path / "out"
+    argv = [str(SCRIPT), "export", "--repo", "r", "t", "--out", str(out), "--concurrency", "2"]
+    child = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(bread_emulator),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if bread_emulator.stats.count("get_rollout_output") >= 2:
+            break
+        time.sleep(0.02)  # polling another process's progress; bounded by the deadline
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 130, stderr
+    assert stderr.startswith(
+        "breadasync: interrupted: no part was committed yet: all 60,000 rows will be fetched "
+        "again. Run the same command again to resume: breadasync export --repo r t"
+    )
+    assert "kept" not in stderr
+    assert not list((out / "repo=r" / "target=t").glob("*.parquet"))

@@ -63,7 +63,7 @@ def test_all_is_sorted_complete_and_documented(name: str) -> None:
 SRC = ROOT / "src" / "breadasync"
 MAX_LINES = 550
 """About 500 lines: a module over this says at its top why it is not split."""
-PENDING_SPLITS = {"cli.py", "export/_exporter.py", "emulator/_app.py"}
+PENDING_SPLITS = {"export/_exporter.py", "emulator/_app.py"}
 """Being cut at their seams by issue 15 items 4-5 and the CLI work (other branches); each
 leaves this set when it is under the bound or says why at its top."""
 
@@ -168,7 +168,8 @@ def test_dependencies_point_away_from_the_facade() -> None:
     users = sorted(name for name, deps in graph.items() if facade in deps)
     # Only the package's front door and the CLI may use the facade; engines, resources,
     # the exporter and the API layer sit below it.
-    assert set(users) <= {"breadasync", "breadasync.cli"}, users
+    front = {"breadasync"} | {name for name in graph if name.startswith("breadasync.cli")}
+    assert set(users) <= front, users
     below = ["breadasync._api", "breadasync._fanout", "breadasync._resources"]
     below += [name for name in graph if name.startswith("breadasync.export")]
     for name in below:
