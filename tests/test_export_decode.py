@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from breadasync import DataIntegrityError, ProtocolError
 from breadasync.emulator import RowShape, trajectory_row
 from breadasync.export import SCHEMA, SCHEMA_VERSION, batch_to_rows, rows_to_batch
+from breadasync.export._decode_process import DecodeProcesses
 from breadasync.export._reader import decode_page
 from tests.decode_pages import page_body, realistic_page, realistic_row
 
@@ -46,8 +48,18 @@ def body_of(
     return json.dumps(page, separators=separators, ensure_ascii=ascii_, allow_nan=False).encode()
 
 
-def check(rows: list[dict[str, Any]], offset: int = 5000) -> None:
-    """Every path gives back ``rows`` exactly: no early return, nothing skipped."""
+@pytest.fixture
+def processes() -> Iterator[DecodeProcesses]:
+    """A child decoder (the decode path in a process), closed after the test."""
+    with DecodeProcesses(1) as pool:
+        yield pool
+
+
+def check(
+    rows: list[dict[str, Any]], offset: int = 5000, processes: DecodeProcesses | None = None
+) -> None:
+    """Every path gives back ``rows`` exactly: no early return, nothing skipped (the path
+    in a child process too, when ``processes`` is given)."""
     reference = rows_to_batch(rows, offset)
     assert reference.schema == SCHEMA
     assert reference.column("row_offset").to_pylist() == list(range(offset, offset + len(rows)))
@@ -60,6 +72,12 @@ def check(rows: list[dict[str, Any]], offset: int = 5000) -> None:
             body = body_of(rows, offset, separators, ascii_)
             decoded = decode_page(body, "GET", "/p", 200, offset, max(1000, len(rows)))
             assert decoded.batch.equals(reference), (separators, ascii_)
+    if processes is not None:
+        body = body_of(rows, offset, SEPARATORS[0], False)
+        remote = decode_page(body, "GET", "/p", 200, offset, 1000, decoder=processes)
+        assert remote.batch.equals(reference)
+        assert remote.status == "complete"
+        assert remote.lines == 10**6
 
 
 # --- exact values ------------------------------------------------------------------------
@@ -90,38 +108,50 @@ JSON_VALUES = st.recursive(
 ROWS = st.lists(st.dictionaries(KEYS, JSON_VALUES, max_size=8), max_size=6)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ROWS)
-def test_any_rows_come_back_exactly_on_every_path(rows: list[dict[str, Any]]) -> None:
-    check(rows)
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        2**63 + 5,
-        2**63 - 1,
-        -(2**63),
-        -(2**63) - 1,
-        2**64,
-        2**64 + 1,
-        -(10**30),
-        10**4000,
-        -0.0,
-        1e308,
-        5e-324,
-        "x" * 300_000,
-        [[[[[[["deep"]]]]]]],
-        "int on one row",
-        True,
-        None,
-    ],
-    ids=repr,
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@pytest.mark.parametrize("field", ["trajectory_id", "tokens", "temperature", "reward"])
+@given(rows=ROWS)
+def test_any_rows_come_back_exactly_on_every_path(
+    processes: DecodeProcesses, rows: list[dict[str, Any]]
+) -> None:
+    check(rows, processes=processes)
+
+
+AWKWARD: list[Any] = [
+    2**63 + 5,
+    2**63 - 1,
+    -(2**63),
+    -(2**63) - 1,
+    2**64,
+    2**64 + 1,
+    -(10**30),
+    10**4000,
+    -0.0,
+    1e308,
+    5e-324,
+    "x" * 300_000,
+    [[[[[[["deep"]]]]]]],
+    "int on one row",
+    True,
+    None,
+]
+FIELDS = ["trajectory_id", "tokens", "temperature", "reward"]
+
+
+@pytest.mark.parametrize("value", AWKWARD, ids=repr)
+@pytest.mark.parametrize("field", FIELDS)
 def test_awkward_values_are_kept(field: str, value: Any) -> None:
     rows = [{field: value, "response": "a"}, {field: 7, "response": "b"}, {"response": "c"}]
     check(rows)
+
+
+def test_awkward_values_are_kept_in_a_child_process(processes: DecodeProcesses) -> None:
+    for field in FIELDS:
+        for value in AWKWARD:
+            check([{field: value}, {field: 7}, {"response": "c"}], processes=processes)
 
 
 def test_a_value_that_does_not_fit_its_column_is_in_extra() -> None:
@@ -151,19 +181,20 @@ def test_explicit_nulls_are_kept_and_absent_keys_stay_absent() -> None:
 
 
 @pytest.mark.parametrize("dialect", ["docs", "spec"])
-def test_realistic_pages(dialect: str) -> None:
+def test_realistic_pages(dialect: str, processes: DecodeProcesses) -> None:
     for start in (0, 1000, 5000, 9000):
         rows = [realistic_row(i, dialect) for i in range(start, start + 1000)]
-        check(rows, offset=start)
+        check(rows, offset=start, processes=processes)
         decoded = decode_page(page_body(rows, start), "GET", "/p", 200, start, 1000)
         assert batch_to_rows(decoded.batch) == rows
 
 
 @pytest.mark.parametrize("dialect", ["docs", "spec"])
-def test_emulator_pages(dialect: str) -> None:
+def test_emulator_pages(dialect: str, processes: DecodeProcesses) -> None:
     shape = RowShape(model="Qwen/Qwen3-32B", num_traj_per_stimulus=3, odd_types=True)
-    rows = [trajectory_row("r", "t", i, shape, dialect) for i in range(2000)]  # type: ignore[arg-type]
-    check(rows, offset=0)
+    for start in (0, 1000):
+        rows = [trajectory_row("r", "t", i, shape, dialect) for i in range(start, start + 1000)]  # type: ignore[arg-type]
+        check(rows, offset=start, processes=processes)
 
 
 def test_the_documented_columns_hold_their_values() -> None:

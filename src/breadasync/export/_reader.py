@@ -21,6 +21,7 @@ from breadasync._models import JobState, Origin, parse_page
 from breadasync._validation import target_path
 
 from ._decode import DEFAULT_LIMITS, DecodeLimits, read_page_json
+from ._decode_process import DecodeProcesses
 from ._schema import rows_to_batch
 
 if TYPE_CHECKING:
@@ -52,16 +53,22 @@ def decode_page(
     limit: int,
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
+    decoder: DecodeProcesses | None = None,
 ) -> _Decoded:
     """Decode and convert one page exactly (runs in a worker thread).
 
     orjson reads the body (with the checks of :func:`read_page_json`, which refuse a
-    hostile body before anything else parses it), then :func:`rows_to_batch` converts it.
+    hostile body before anything else parses it), then :func:`rows_to_batch` converts it;
+    in one of ``decoder``'s child processes when given (then ``decoder``'s limits apply),
+    else in this one, holding the GIL throughout.
 
     Raises:
         ProtocolError: the body is not a valid page, or goes past ``limits``.
         DataIntegrityError: the page is not the one asked for, or is longer.
     """
+    if decoder is not None:
+        batch, lines, state = decoder.decode(body, method, path, status, offset, limit)
+        return _Decoded(batch, lines, JobState(state))
     data = read_page_json(
         body, method=method, path=path, status=status, offset=offset, limits=limits
     )
