@@ -83,21 +83,24 @@ _NAN: Final = re.compile(rb"(?<![\w\"])-?(?:NaN|Infinity)(?![\w\"])")
 
 def _has_long_digits(data: bytes | str) -> bool:
     raw = data if isinstance(data, bytes) else data.encode()
-    return _LONG_INT in b" " + raw.translate(_DIGITS)
+    digits = raw.translate(_DIGITS)
+    return _LONG_INT in digits or digits.startswith(_LONG_INT[1:])
 
 
-def _key_separators(body: bytes) -> int:
-    """How many ``"key":`` separators the text has outside strings.
+def _key_separators(body: bytes, parsed: int) -> int:
+    """How many ``"key":`` separators the text has outside strings (``parsed`` when a
+    single count can tell).
 
     A quote inside a string is escaped (an odd run of backslashes before it); one that ends
     a key is not. Counting ``":`` after at least k backslashes for k = 0, 1, 2... and adding
-    them with alternating signs leaves those after an even run.
+    them with alternating signs leaves those after an even run. The first count alone is
+    an upper bound, so when it equals the keys ``parsed`` there is nothing more to count.
     """
     total, sign, pattern = 0, 1, b'":'
     while True:
         found = body.count(pattern)
-        if not found:
-            return total
+        if not found or (pattern == b'":' and found == parsed):
+            return total + sign * found
         total += sign * found
         sign, pattern = -sign, b"\\" + pattern
 
@@ -214,14 +217,23 @@ def read_page_json(
                 if budget.left < 0:
                     where.fail(f"larger than {limits.max_values:,} keys and list items")
                 for i, row in enumerate(rows):
-                    kind = type(row)
-                    if kind is dict or kind is list:
+                    if type(row) is dict:
+                        # A row's own level inline: most rows hold no containers at all.
+                        budget.keys += len(row)
+                        budget.left -= len(row)
+                        if budget.left < 0:
+                            where.fail(f"larger than {limits.max_values:,} keys and list items")
+                        for child in row.values():
+                            kind = type(child)
+                            if kind is dict or kind is list:
+                                _walk(child, 4, budget, offset + i)
+                    elif type(row) is list:
                         _walk(row, 3, budget, offset + i)
             elif kind is dict or kind is list:
                 _walk(value, 2, budget, -1)
     elif type(data) is list:
         _walk(data, 1, budget, -1)
-    if budget.keys != _key_separators(body):
+    if budget.keys != _key_separators(body, budget.keys):
         # A duplicate key (orjson kept its last value), or only spacing before a colon:
         # Python's parser tells which.
         data = _stdlib(body, where)
