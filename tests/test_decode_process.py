@@ -31,7 +31,7 @@ def test_realistic_pages_decode_the_same_in_a_child() -> None:
 def test_errors_come_back_typed() -> None:
     with DecodeProcesses(1, limits=DecodeLimits(max_depth=5)) as processes:
         with pytest.raises(
-            ProtocolError, match="row at offset 3 is nested deeper than 5"
+            ProtocolError, match=r"offset 3 is nested too deeply \(over 5 levels"
         ) as caught:
             decode_page(
                 page_body([{"x": [[[[1]]]]}], 3), "GET", "/p", 200, 3, 10, decoder=processes

@@ -119,7 +119,7 @@ def _walk(value: list[Any] | dict[str, Any], depth: int, budget: _Budget, row: i
     """Checks depth and size below ``value``, counting keys (recursion is bounded by
     ``max_depth``, at most 512)."""
     if depth > budget.limits.max_depth:
-        _refuse_row(budget, row, f"nested deeper than {budget.limits.max_depth} levels")
+        _refuse_row(budget, row, f"nested too deeply (over {budget.limits.max_depth} levels)")
     budget.left -= len(value)
     if budget.left < 0:
         budget.where.fail(f"larger than {budget.limits.max_values:,} keys and list items")
