@@ -87,7 +87,7 @@ def test_readme_main_command_runs_the_demo_and_writes_exact_parquet(tmp_path: Pa
     table = dataset.to_table()
     assert table.num_rows == sum(s * per for s, per in DEMO_TARGETS.values())
     for name, (stimuli, per) in DEMO_TARGETS.items():
-        part = dataset.to_table(filter=ds.field("target") == name).sort_by("offset")
+        part = dataset.to_table(filter=ds.field("target") == name).sort_by("row_offset")
         shape = RowShape(model="Qwen/Qwen3-32B", temperature=0.8, num_traj_per_stimulus=per)
         expected = [trajectory_row(DEMO_REPO, name, i, shape) for i in range(stimuli * per)]
         assert batch_to_rows(part) == expected, name

@@ -51,7 +51,7 @@ def exporter(make_client: Callable[..., BreadClient]) -> BreadClient:
 
 def read_rows(folder: Path) -> list[dict[str, object]]:
     table = pq.read_table(folder)
-    assert table.column("offset").to_pylist() == list(range(table.num_rows))
+    assert table.column("row_offset").to_pylist() == list(range(table.num_rows))
     return batch_to_rows(table)
 
 
@@ -143,7 +143,7 @@ async def test_manifest_is_written_last_and_describes_the_parts(
         data = (tmp_path / part["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == part["sha256"]
         assert len(data) == part["bytes"]
-    assert next(f["name"] for f in manifest["schema"]["fields"]) == "offset"
+    assert next(f["name"] for f in manifest["schema"]["fields"]) == "row_offset"
     assert manifest["elapsed_s"] >= 0
     assert not (tmp_path / "_journal.jsonl").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".part-")]
@@ -557,12 +557,12 @@ async def test_export_many_into_one_hive_dataset(
     assert table.num_rows == 4300
     for (repo, target), rows in names.items():
         part = dataset.to_table(filter=(ds.field("repo") == repo) & (ds.field("target") == target))
-        part = part.sort_by("offset")
+        part = part.sort_by("row_offset")
         assert part.num_rows == rows
         assert batch_to_rows(part) == bread_emulator.trajectories(repo, target)
 
     counts = duckdb.sql(
-        f'SELECT repo, target, count(*) AS n, max("offset") AS last '
+        f"SELECT repo, target, count(*) AS n, max(row_offset) AS last "
         f"FROM read_parquet('{tmp_path}/*/*/*.parquet', hive_partitioning = true) "
         "GROUP BY ALL ORDER BY ALL"
     ).fetchall()
@@ -607,7 +607,7 @@ async def test_iter_rollout_batches_streams_in_order(
     rows: list[dict[str, object]] = []
     offsets: list[int] = []
     async for batch in exporter.iter_rollout_batches("t", repo_name="r", page_size=1000):
-        offsets.extend(batch.column("offset").to_pylist())
+        offsets.extend(batch.column("row_offset").to_pylist())
         rows.extend(batch_to_rows(batch))
     assert offsets == list(range(3456))
     assert rows == bread_emulator.trajectories("r", "t")

@@ -74,7 +74,7 @@ def verify_parts(folder: Path, repo: str, target: str, shape: RowShape) -> int:
     rows = 0
     for part in sorted(folder.glob("part-*.parquet")):
         table = pq.read_table(part)
-        offsets = table.column("offset").to_pylist()
+        offsets = table.column("row_offset").to_pylist()
         assert offsets == list(range(offsets[0], offsets[0] + table.num_rows))
         assert offsets[0] == rows
         assert batch_to_rows(table) == [expected_row(repo, target, i, shape) for i in offsets]

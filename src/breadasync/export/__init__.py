@@ -2,17 +2,23 @@
 
 Use it through the client (``client.export_rollout``, ``client.export_many``,
 ``client.iter_rollout_batches``); this package holds the pieces: the schema and its
-lossless row conversion, the export plan, the range reader and the destination seam.
+lossless row conversion, the page decoder and its limits, the export plan, the range reader
+and the destination seam.
 """
 
+from ._decode import DEFAULT_LIMITS, DecodeLimits
+from ._decode_process import DecodeProcesses
 from ._exporter import ExportOptions, ExportProgress, ExportResult, ExportResults, hive_segment
 from ._plan import ExportPlan, Part
 from ._schema import SCHEMA, SCHEMA_VERSION, batch_to_rows, rows_to_batch
 from ._store import LocalDestination, PartRecord
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "SCHEMA",
     "SCHEMA_VERSION",
+    "DecodeLimits",
+    "DecodeProcesses",
     "ExportOptions",
     "ExportPlan",
     "ExportProgress",

@@ -17,10 +17,11 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from breadasync._errors import DataIntegrityError, ProtocolError
 from breadasync._models import JobState, Origin, TargetRef, parse_page
-from breadasync._transport import decode_json
 from breadasync._validation import target_path
 
-from ._schema import fast_page_to_batch, rows_to_batch
+from ._decode import DEFAULT_LIMITS, DecodeLimits, read_page_json
+from ._decode_process import DecodeProcesses
+from ._schema import rows_to_batch
 
 if TYPE_CHECKING:
     from breadasync._api import Api
@@ -43,33 +44,44 @@ class _Decoded:
 
 
 def decode_page(
-    body: bytes, method: str, path: str, status: int, offset: int, limit: int
+    body: bytes,
+    method: str,
+    path: str,
+    status: int,
+    offset: int,
+    limit: int,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    decoder: DecodeProcesses | None = None,
 ) -> _Decoded:
-    """Decode and convert one page (runs in a worker thread).
+    """Decode and convert one page exactly (runs in a worker thread).
 
-    Arrow's JSON reader takes most pages without holding the GIL; the reference path
-    (orjson, then :func:`rows_to_batch`) takes the rest, and reports what is wrong with a
-    page that is not a valid one.
+    orjson reads the body (with the checks of :func:`read_page_json`, which refuse a
+    hostile body before anything else parses it), then :func:`rows_to_batch` converts it;
+    in one of ``decoder``'s child processes when given (then ``decoder``'s limits apply),
+    else in this one, holding the GIL throughout.
+
+    Raises:
+        ProtocolError: the body is not a valid page, or goes past ``limits``.
+        DataIntegrityError: the page is not the one asked for, or is longer.
     """
-    quick = fast_page_to_batch(body, offset)
-    if quick is not None:
-        batch, lines, state = quick.batch, quick.lines, JobState(quick.status)
-    else:
-        page = parse_page(
-            decode_json(body, method=method, path=path, status=status),
-            Origin(method, path, status),
-        )
-        if page.offset != offset:
-            raise DataIntegrityError(
-                f"{method} {path}: asked for offset {offset}, the page says offset {page.offset}"
-            )
-        batch, lines, state = rows_to_batch(page.output, offset), page.lines, page.status
-    if batch.num_rows > limit:
+    if decoder is not None:
+        batch, lines, state = decoder.decode(body, method, path, status, offset, limit)
+        return _Decoded(batch, lines, JobState(state))
+    data = read_page_json(
+        body, method=method, path=path, status=status, offset=offset, limits=limits
+    )
+    page = parse_page(data, Origin(method, path, status))
+    if page.offset != offset:
         raise DataIntegrityError(
-            f"{method} {path}: asked for {limit} rows, got {batch.num_rows}; the service sent "
-            "more rows than a page may hold"
+            f"{method} {path}: asked for offset {offset}, the page says offset {page.offset}"
         )
-    return _Decoded(batch, lines, state)
+    if len(page.output) > limit:
+        raise DataIntegrityError(
+            f"{method} {path}: asked for {limit} rows, got {len(page.output)}; the service "
+            "sent more rows than a page may hold"
+        )
+    return _Decoded(rows_to_batch(page.output, offset), page.lines, page.status)
 
 
 class RangeReader:

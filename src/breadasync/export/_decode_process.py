@@ -1,0 +1,207 @@
+"""Decoding pages in child processes, so the work holds no GIL of the exporting process.
+
+Every step of an exact decode (orjson, the checks, Arrow arrays built from Python values)
+holds the GIL, so decoding threads cannot use a second core. A :class:`DecodeProcesses`
+keeps a few child Python processes that each decode one page at a time with the same code
+(:func:`breadasync.export._reader.decode_page`) and send the batch back as Arrow IPC; this
+process only moves bytes through pipes (which releases the GIL). A child that dies on a
+page (it cannot, by the decoder's checks, but a process boundary is the last line) costs
+that page a :class:`~breadasync.ProtocolError`, and the next page gets a new child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import IO, Any, Final
+
+import pyarrow as pa
+
+from breadasync._errors import DataIntegrityError, ProtocolError
+
+from ._decode import DEFAULT_LIMITS, DecodeLimits
+
+_LENGTH: Final = struct.Struct("<Q")
+_CHILD_MODULE: Final = "breadasync.export._decode_child"
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise EOFError
+    return data
+
+
+def send_frame(stream: IO[bytes], *parts: bytes) -> None:
+    """Writes ``parts`` as one frame: their count, then each part with its length."""
+    stream.write(_LENGTH.pack(len(parts)))
+    for part in parts:
+        stream.write(_LENGTH.pack(len(part)))
+        stream.write(part)
+    stream.flush()
+
+
+def read_frame(stream: IO[bytes]) -> list[bytes]:
+    """Reads one frame written by :func:`send_frame` (``EOFError`` at the end)."""
+    (count,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
+    parts = []
+    for _ in range(count):
+        (size,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size))
+        parts.append(_read_exactly(stream, size))
+    return parts
+
+
+class _Child:
+    """One child process; one page at a time."""
+
+    def __init__(self, limits: DecodeLimits) -> None:
+        settings = json.dumps([limits.max_body_bytes, limits.max_depth, limits.max_values])
+        # Our own interpreter and module, with numbers as arguments: nothing untrusted.
+        self.process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", _CHILD_MODULE, settings],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    def decode(
+        self, body: bytes, method: str, path: str, status: int, offset: int, limit: int
+    ) -> tuple[pa.RecordBatch, int | None, str]:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        meta = json.dumps([method, path, status, offset, limit]).encode()
+        try:
+            send_frame(stdin, meta, body)
+            kind, head, payload = read_frame(stdout)
+        except (EOFError, OSError, ValueError):
+            self.close()
+            code = self.process.returncode
+            raise ProtocolError(
+                f"{method} {path} -> {status}: the decoding process ended (exit status "
+                f"{code}) while reading this page",
+                method=method,
+                path=path,
+                status=status,
+            ) from None
+        if kind == b"ok":
+            lines, state = json.loads(head)
+            batch = pa.ipc.open_stream(payload).read_next_batch()
+            return batch, lines, state
+        name, message, excerpt = json.loads(head)
+        if name == "DataIntegrityError":
+            raise DataIntegrityError(message)
+        if name == "ProtocolError":
+            raise ProtocolError(message, method=method, path=path, status=status, excerpt=excerpt)
+        raise RuntimeError(f"the decoding process failed on {method} {path}: {message}")
+
+    def close(self) -> None:
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                # Closing flushes what is left, into a pipe a dead child no longer reads.
+                with contextlib.suppress(OSError):
+                    stream.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class DecodeProcesses:
+    """A pool of ``processes`` child processes that decode pages; use it as a context
+    manager (or call :meth:`close`), so no child outlives it.
+
+    Children start on first use. :meth:`decode` blocks: call it from a worker thread.
+    """
+
+    def __init__(self, processes: int = 1, *, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, not {processes}")
+        self._size = processes
+        self._limits = limits
+        self._idle: list[_Child] = []
+        self._started = 0
+        self._lock = threading.Lock()
+        self._free = threading.Semaphore(processes)
+        self._closed = False
+
+    def decode(
+        self, body: bytes, method: str, path: str, status: int, offset: int, limit: int
+    ) -> tuple[pa.RecordBatch, int | None, str]:
+        """``(batch, lines, status)`` of one page, decoded in a child process.
+
+        Raises:
+            ProtocolError, DataIntegrityError: as :func:`decode_page` would.
+        """
+        with self._free:
+            child = self._take()
+            try:
+                return child.decode(body, method, path, status, offset, limit)
+            finally:
+                self._give_back(child)
+
+    def _take(self) -> _Child:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decoding processes are closed")
+            if self._idle:
+                return self._idle.pop()
+            self._started += 1
+            return _Child(self._limits)
+
+    def _give_back(self, child: _Child) -> None:
+        with self._lock:
+            if child.process.returncode is None and not self._closed:
+                self._idle.append(child)
+                return
+        child.close()
+
+    def close(self) -> None:
+        """Stops every child (each ends when its input closes)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for child in idle:
+            child.close()
+
+    def __enter__(self) -> DecodeProcesses:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def serve(stdin: IO[bytes], stdout: IO[bytes], decode: Callable[..., Any]) -> None:
+    """The child's loop: a page in, a batch (or an error) out, until the input ends."""
+    while True:
+        try:
+            meta, body = read_frame(stdin)
+        except EOFError:
+            return
+        method, path, status, offset, limit = json.loads(meta)
+        try:
+            batch, lines, state = decode(body, method, path, status, offset, limit)
+        except (ProtocolError, DataIntegrityError) as exc:
+            excerpt = getattr(exc, "excerpt", "")
+            send_frame(
+                stdout, b"error", json.dumps([type(exc).__name__, str(exc), excerpt]).encode(), b""
+            )
+            continue
+        except Exception as exc:  # a bug: reported, and the child goes on
+            send_frame(stdout, b"error", json.dumps(["internal", repr(exc), ""]).encode(), b"")
+            continue
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        send_frame(stdout, b"ok", json.dumps([lines, state]).encode(), sink.getvalue().to_pybytes())
