@@ -12,12 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import anyio
 
 _T = TypeVar("_T")
+
+_running = 0
+"""Calls handed to a thread by :func:`run_to_end` that have not returned yet."""
+_count_lock = threading.Lock()
+
+
+def running() -> int:
+    """How many calls of :func:`run_to_end` are running in a thread right now (a test can
+    check that none outlives the call that started it)."""
+    return _running
+
+
+def _counted(call: Callable[[], _T]) -> _T:
+    global _running
+    with _count_lock:
+        _running += 1
+    try:
+        return call()
+    finally:
+        with _count_lock:
+            _running -= 1
 
 
 async def run_to_end(
@@ -38,7 +60,7 @@ async def run_to_end(
 
 async def _run(func: Callable[..., _T], args: tuple[object, ...]) -> _T:
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(None, functools.partial(func, *args))
+    future = loop.run_in_executor(None, _counted, functools.partial(func, *args))
     cancelled: asyncio.CancelledError | None = None
     while True:
         try:
