@@ -768,9 +768,12 @@ async def export_many(
             except BreadError as exc:
                 results[ref] = ExportResult(target=ref, dest=str(folder), error=exc)
 
-    async with anyio.create_task_group() as tg:
-        for ref in unique:
-            tg.start_soon(one, ref)
+    try:
+        async with anyio.create_task_group() as tg:
+            for ref in unique:
+                tg.start_soon(one, ref)
+    except BaseExceptionGroup as group:
+        _reraise(group)  # a cancellation stays exactly that
     return ExportResults([results[ref] for ref in refs])
 
 
