@@ -11,6 +11,10 @@ re-raises the cancellation only once the thread is done.
 from __future__ import annotations
 
 import asyncio
+
+# The loop's default executor imports this lazily, on its first use; load it with the
+# exporter instead, so a process that drops its privileges after importing still works.
+import concurrent.futures.thread  # noqa: F401
 import functools
 import threading
 from collections.abc import Callable
