@@ -322,7 +322,7 @@ class BreadClient:
         dest: str | os.PathLike[str] | LocalDestination,
         page_size: int = 1000,
         concurrency: int = 16,
-        rows_per_part: int = 100_000,
+        rows_per_part: int = 10_000,
         compression: Compression = "zstd",
         resume: bool = True,
         allow_partial: bool = False,
@@ -378,7 +378,7 @@ class BreadClient:
         target_concurrency: int = 4,
         page_size: int = 1000,
         concurrency: int = 16,
-        rows_per_part: int = 100_000,
+        rows_per_part: int = 10_000,
         compression: Compression = "zstd",
         resume: bool = True,
         allow_partial: bool = False,
@@ -422,12 +422,14 @@ class BreadClient:
         """A rollout's output as ``pyarrow.RecordBatch`` objects, in offset order, without
         touching disk (the exporter's own pipeline)::
 
-            async for batch in client.iter_rollout_batches("t", repo_name="r"):
-                ...
+            async with client.iter_rollout_batches("t", repo_name="r") as batches:
+                async for batch in batches:
+                    ...
 
-        Same checks as :meth:`export_rollout`: an unfinished job is refused unless
-        ``allow_partial``; short pages are completed; exactly ``lines`` rows come out.
-        Use ``async with`` around it when you may stop early.
+        Entering the block checks the target (``NotFoundError``, ``UnfinishedJobError``)
+        before any batch is asked for; leaving it stops every fetch. Same checks as
+        :meth:`export_rollout`: an unfinished job is refused unless ``allow_partial``;
+        short pages are completed; exactly ``lines`` rows of one job come out.
         """
         from .export._exporter import BatchStream, Exporter, ExportOptions
 

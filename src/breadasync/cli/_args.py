@@ -306,8 +306,8 @@ def _export_parser(commands: Any, chosen: Parser) -> Parser:
     export.add_argument(
         "--rows-per-part",
         type=_int_within(1, 100_000_000),
-        default=100_000,
-        help="rows per Parquet file (default 100000)",
+        default=10_000,
+        help="rows per Parquet file (default 10000)",
     )
     export.add_argument(
         "--no-resume",

@@ -276,6 +276,9 @@ async def cmd_demo(args: argparse.Namespace, ui: Ui, watch: ExportWatch) -> int:
                     repo_name=DEMO_REPO,
                     dest=args.out,
                     rows_per_part=2000,
+                    # Each demo runs new jobs (an export is of one job): a second demo
+                    # replaces the first one's export instead of refusing it.
+                    resume=False,
                     on_progress=ExportView(progress, watch),
                 )
             retries = client.stats.retries

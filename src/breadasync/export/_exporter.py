@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import quote
 
 import anyio
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from breadasync._errors import (
@@ -34,15 +35,23 @@ from breadasync._errors import (
     UnfinishedJobError,
     first_error,
 )
-from breadasync._models import JobState, JobStatus, TargetLike, TargetRef, normalise_targets
+from breadasync._models import (
+    JobState,
+    JobStatus,
+    TargetLike,
+    TargetRef,
+    normalise_targets,
+    parse_page,
+)
 from breadasync._results import Results
-from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name
+from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name, target_path
 from breadasync._version import __version__
 
-from ._plan import ExportPlan, Part
+from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part, describe_job
 from ._reader import Page, RangeReader
 from ._schema import SCHEMA, SCHEMA_VERSION
 from ._store import JOURNAL, MANIFEST, LocalDestination, PartFile, PartRecord, describe_os_error
+from ._threads import run_to_end
 
 if TYPE_CHECKING:
     from breadasync._api import Api
@@ -56,6 +65,11 @@ more only add contention with the event loop (measured in benchmarks/RESULTS.md)
 ROW_GROUP_ROWS = 16_384
 """Rows buffered before a row group is written: big enough for readers, small enough to
 keep memory flat."""
+ROWS_PER_PART = 10_000
+"""Default rows per part file. A part is the unit a killed export keeps: what a kill can
+lose is the part being written plus the pages fetched ahead of it (``rows_per_part +
+window * page_size`` rows), so parts are kept small enough to commit every few seconds
+even under throttling (10 pages of 1000 rows, 40 at a page cap of 250)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +80,8 @@ class ExportOptions:
         page_size: Rows asked per page, 1..1000 (default 1000, the most the API gives).
         concurrency: Page requests in flight (default 16; the client's limits apply too).
         window: Pages fetched ahead of the writer (default ``concurrency + 8``).
-        rows_per_part: Rows per Parquet file (default 100,000).
+        rows_per_part: Rows per Parquet file (default :data:`ROWS_PER_PART`, 10,000: the
+            most a killed export loses, with the pages fetched ahead).
         compression: Parquet compression (default ``"zstd"``).
         resume: Keep verified parts from an earlier run (default); if false, an earlier
             export of the same target in the folder is replaced.
@@ -76,7 +91,7 @@ class ExportOptions:
     page_size: int = MAX_PAGE_SIZE
     concurrency: int = 16
     window: int | None = None
-    rows_per_part: int = 100_000
+    rows_per_part: int = ROWS_PER_PART
     compression: Compression = "zstd"
     resume: bool = True
     allow_partial: bool = False
@@ -187,6 +202,8 @@ def hive_segment(key: str, value: str) -> str:
 
 
 def _identity(plan: ExportPlan) -> dict[str, Any]:
+    """What an export is of: a resume keeps only parts written under an equal identity, so
+    parts of another job (a re-run, even with the same ``lines``) are never mixed in."""
     return {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
@@ -194,6 +211,7 @@ def _identity(plan: ExportPlan) -> dict[str, Any]:
         "target": plan.target.target_name,
         "lines": plan.lines,
         "rows_per_part": plan.rows_per_part,
+        "job": plan.job.to_dict() if plan.job is not None else None,
     }
 
 
@@ -204,10 +222,49 @@ def _same(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
 def _describe(found: dict[str, Any]) -> str:
     return (
         f"{found.get('repo')}/{found.get('target')} with {found.get('lines', '?'):,} lines "
-        f"in parts of {found.get('rows_per_part', '?'):,} rows"
+        f"in parts of {found.get('rows_per_part', '?'):,} rows "
+        f"({describe_job(found.get('job'))})"
         if isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)
         else "something else"
     )
+
+
+def _job_changed(plan: ExportPlan, job: JobStatus, now: JobIdentity, dest: str) -> BreadError:
+    was = plan.job.describe() if plan.job is not None else "a job of unknown identity"
+    lines = f"{job.lines:,}" if job.lines is not None else "no"
+    return DataIntegrityError(
+        f"the rollout of {plan.target} changed during the export: it began with {was} "
+        f"({plan.status}, {plan.lines:,} lines), the service now has {now.describe()} "
+        f"({job.status}, {lines} lines); rows of two jobs must not be mixed, so this export "
+        "was not committed. Export again to read the new job (resume=False, or --no-resume, "
+        "replaces the parts of the earlier one)",
+        dest=dest or None,
+    )
+
+
+_CONSEQUENCES = (asyncio.CancelledError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _reraise(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise what a failed task group means to the caller: a cancellation of the caller
+    stays exactly a cancellation (``asyncio.timeout`` and ``wait_for`` turn it into
+    ``TimeoutError``), never a group of the streams it broke on its way out; otherwise
+    the first :class:`BreadError`."""
+    task = asyncio.current_task()
+    leaves = _leaves(group)
+    cancelled = next((e for e in leaves if isinstance(e, asyncio.CancelledError)), None)
+    if (task is not None and task.cancelling()) or (
+        cancelled is not None and all(isinstance(e, _CONSEQUENCES) for e in leaves)
+    ):
+        raise cancelled or asyncio.CancelledError()
+    raise first_error(group) from None
 
 
 class _PartWriter:
@@ -311,7 +368,8 @@ def _pages(plan: ExportPlan, parts: Iterable[Part]) -> Iterator[Page]:
 
 
 async def _thread(func: Any, *args: Any) -> Any:
-    return await anyio.to_thread.run_sync(func, *args)
+    # Never left running by a cancellation: see _threads.
+    return await run_to_end(func, *args)
 
 
 def _unfinished(target: TargetRef, job: JobStatus, dest: str) -> UnfinishedJobError:
@@ -366,10 +424,64 @@ class Exporter:
             raise DataIntegrityError(
                 f"the status of {target}'s rollout does not say how many lines it has", dest=dest
             )
+        identity = await self._identify(target, job, job.lines)
         plan = ExportPlan(
-            target, job.lines, str(job.status), self._options.rows_per_part, self._options.page_size
+            target,
+            job.lines,
+            str(job.status),
+            self._options.rows_per_part,
+            self._options.page_size,
+            identity,
         )
         return plan, job
+
+    async def _identify(self, target: TargetRef, job: JobStatus, lines: int) -> JobIdentity:
+        """The job's identity; without a ``job_id``, one more small page request for the
+        fingerprint of its first rows."""
+        if job.job_id is not None:
+            return JobIdentity.of(job.job_id, job.config)
+        wanted = min(FINGERPRINT_ROWS, lines)
+        rows: list[dict[str, Any]] = []
+        while len(rows) < wanted:
+            page = await self._client.call(
+                "GET",
+                target_path(target.repo_name, target.target_name, "rollout", "output"),
+                parse_page,
+                params={"limit": wanted - len(rows), "offset": len(rows)},
+                user_id=self._user_id,
+            )
+            if not page.output:
+                break  # the reader reports the gap, with the page's details
+            rows.extend(page.output[: wanted - len(rows)])
+        return JobIdentity.of(None, job.config, rows if wanted else None)
+
+    async def check_job(self, plan: ExportPlan, dest: str, *, final: bool) -> None:
+        """Read the job's status again and fail if it is another job now (a re-run), or a
+        complete job changed; ``final`` also re-fetches the fingerprint rows when the
+        service gives no ``job_id``."""
+        target = plan.target
+        job = await self._client.get_job(target, "rollout", user_id=self._user_id)
+        known = plan.job
+        if known is None:
+            return
+        if not known.same_status(job.job_id, job.config):
+            raise _job_changed(plan, job, JobIdentity.of(job.job_id, job.config), dest)
+        if final and known.job_id is None and job.lines is not None:
+            now = await self._identify(target, job, min(plan.lines, job.lines))
+            if now != known:
+                raise _job_changed(plan, job, now, dest)
+        if (
+            final
+            and plan.status == JobState.COMPLETE
+            and (job.status is not JobState.COMPLETE or job.lines != plan.lines)
+        ):
+            lines = f"{job.lines:,}" if job.lines is not None else "no"
+            raise DataIntegrityError(
+                f"the rollout of {target} was complete with {plan.lines:,} lines when the "
+                f"export began, but its status now says {job.status} with {lines} lines; "
+                "a complete job must not change",
+                dest=dest or None,
+            )
 
     def reader(self, plan: ExportPlan) -> RangeReader:
         """A range reader for ``plan``'s target."""
@@ -393,8 +505,15 @@ class Exporter:
         plan, job = await self.plan(target, shown)
         await _thread(store.prepare)
         lock = store.locked()
-        await _thread(lock.__enter__)
+        locked = False
+
+        def enter() -> None:
+            nonlocal locked
+            lock.__enter__()
+            locked = True  # set in the thread: a cancel during the call still sees it
+
         try:
+            await _thread(enter)
             reused, todo, committed = await _thread(self._reconcile, store, plan)
             reader = self.reader(plan)
             progress = _Progress(self._on_progress, target, plan.lines, reader)
@@ -402,7 +521,14 @@ class Exporter:
             try:
                 written = await self._write_parts(store, plan, todo, reader, progress)
             except BaseExceptionGroup as group:
-                raise first_error(group) from None
+                try:
+                    _reraise(group)
+                except DataIntegrityError:
+                    # A page that no longer fits may be a re-run job: say so, naming both.
+                    await self.check_job(plan, shown, final=False)
+                    raise
+            if written:
+                await self.check_job(plan, shown, final=True)
             records = sorted(reused + written, key=lambda r: r.start)
             rows = sum(r.rows for r in records)
             if rows != plan.lines:
@@ -414,9 +540,11 @@ class Exporter:
             if not committed:
                 await _thread(self._commit, store, plan, job, records, started)
         finally:
-            # Shielded: a cancelled export must still let go of its folder.
-            with anyio.CancelScope(shield=True):
-                await _thread(lock.__exit__, None, None, None)
+            # Shielded: a cancelled export must still let go of its folder, and only once
+            # every thread it started is done with it.
+            if locked:
+                with anyio.CancelScope(shield=True):
+                    await _thread(lock.__exit__, None, None, None)
         return ExportResult(
             target=target,
             dest=shown,
@@ -642,88 +770,109 @@ async def export_many(
             except BreadError as exc:
                 results[ref] = ExportResult(target=ref, dest=str(folder), error=exc)
 
-    async with anyio.create_task_group() as tg:
-        for ref in unique:
-            tg.start_soon(one, ref)
+    try:
+        async with anyio.create_task_group() as tg:
+            for ref in unique:
+                tg.start_soon(one, ref)
+    except BaseExceptionGroup as group:
+        _reraise(group)  # a cancellation stays exactly that
     return ExportResults([results[ref] for ref in refs])
 
 
 class BatchStream:
-    """An async iterator of a rollout's rows as ``pyarrow.RecordBatch``, in offset order.
-
-    Iterate it directly, or inside ``async with`` to be sure that leaving early cancels the
-    pages still being fetched::
+    """A rollout's rows as ``pyarrow.RecordBatch`` objects, in offset order: an async
+    context manager whose body iterates it::
 
         async with client.iter_rollout_batches("t", repo_name="r") as batches:
             async for batch in batches:
                 ...
+
+    Entering it reads the job's status (a missing target raises :class:`NotFoundError`, an
+    unfinished job :class:`UnfinishedJobError`, before any batch is asked for) and starts
+    fetching pages in a task group that lives exactly as long as the ``async with`` block:
+    leaving the block, early or by an error or a cancellation, stops every fetch and waits
+    for the threads decoding pages. An error of the fetches is raised by the iteration. At
+    the end, the job's status is read once more: rows of a job re-run meanwhile raise
+    :class:`DataIntegrityError` instead of ending the stream.
     """
 
     def __init__(self, exporter: Exporter, target: TargetRef) -> None:
         self._exporter = exporter
         self._target = target
         self._receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]] | None = None
-        self._task: Any = None
+        self._group: TaskGroup | None = None
+        self._scope = anyio.CancelScope()
+        self._error: BaseException | None = None
         self._queue: list[pa.RecordBatch] = []
+        self._entered = False
         self._finished = False
         self.plan: ExportPlan | None = None
-        """The plan (lines, status), once iteration began."""
+        """The plan (lines, status, the job's identity), once entered."""
 
-    async def _start(self) -> None:
+    async def __aenter__(self) -> BatchStream:
+        if self._entered:
+            raise RuntimeError("a batch stream is entered once; call iter_rollout_batches again")
+        self._entered = True
         plan, _ = await self._exporter.plan(self._target, "")
         self.plan = plan
         reader = self._exporter.reader(plan)
-        whole = Part(0, 0, plan.lines)
-        send, self._receive = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()
-        # A task of its own (not a task group spanning the consumer's awaits): closing the
-        # stream, or dropping it, cancels it.
-        self._task = asyncio.ensure_future(reader.run(_pages(plan, [whole]), send))
+        send, receive = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group, self._receive = group, receive
+
+        async def produce() -> None:
+            # A failure reaches the consumer through the stream (the end, then the error),
+            # so it never cancels the consumer's own code in the ``async with`` block; a
+            # scope of its own, so stopping early cancels the fetches and nothing else.
+            with self._scope:
+                try:
+                    await reader.run(_pages(plan, [Part(0, 0, plan.lines)]), send)
+                except ExceptionGroup as failed:
+                    self._error = first_error(failed)
+                except Exception as exc:
+                    self._error = exc
+                finally:
+                    send.close()
+
+        group.start_soon(produce)
+        return self
 
     def __aiter__(self) -> BatchStream:
         return self
 
     async def __anext__(self) -> pa.RecordBatch:
-        if self._finished:
+        if not self._entered:
+            raise RuntimeError(
+                "iterate the batches inside 'async with client.iter_rollout_batches(...) as "
+                "batches:', which checks the target first and stops every fetch when left"
+            )
+        if self._finished or self._receive is None:
             raise StopAsyncIteration
-        if self._receive is None:
-            await self._start()
-        assert self._receive is not None
         while not self._queue:
             try:
                 _, batches = await self._receive.receive()
-            except anyio.EndOfStream:
-                await self._finish()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                await self._end()
                 raise StopAsyncIteration from None
             self._queue.extend(batches)
         return self._queue.pop(0)
 
-    async def _finish(self) -> None:
+    async def _end(self) -> None:
         self._finished = True
-        task, self._task = self._task, None
-        if self._receive is not None:
-            self._receive.close()
-        if task is not None:
-            try:
-                await task  # re-raises what stopped the reader, if anything
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        assert self.plan is not None
+        if self.plan.lines:
+            await self._exporter.check_job(self.plan, "", final=True)
 
     async def aclose(self) -> None:
-        """Stop fetching and release everything."""
+        """Stop fetching (the ``async with`` block does this when it ends)."""
         self._finished = True
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with (
-                anyio.CancelScope(shield=True),
-                contextlib.suppress(Exception, asyncio.CancelledError),
-            ):
-                await task  # we cancelled it: only its cleanup matters
+        self._scope.cancel()
         if self._receive is not None:
             self._receive.close()
-
-    async def __aenter__(self) -> BatchStream:
-        return self
 
     async def __aexit__(
         self,
@@ -731,12 +880,16 @@ class BatchStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        group, self._group = self._group, None
         await self.aclose()
-
-    def __del__(self) -> None:
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
+        if group is None:
+            return
+        # The block's own exception (or cancellation) goes on as it is; the group only
+        # waits for the fetches, already cancelled, and for their decoding threads.
+        try:
+            await group.__aexit__(None, None, None)
+        except BaseExceptionGroup as failed:
+            _reraise(failed)
 
 
 def check_target(target_name: str, repo_name: str) -> TargetRef:

@@ -22,6 +22,7 @@ from breadasync._validation import target_path
 from ._decode import DEFAULT_LIMITS, DecodeLimits, read_page_json
 from ._decode_process import DecodeProcesses
 from ._schema import rows_to_batch
+from ._threads import run_to_end
 
 if TYPE_CHECKING:
     from breadasync._api import Api
@@ -143,7 +144,14 @@ class RangeReader:
                 async with queued:
                     async for item in queued:
                         await item.done.wait()
-                        await send.send((item.page, item.batches))
+                        try:
+                            await send.send((item.page, item.batches))
+                        except anyio.BrokenResourceError:
+                            # The consumer left (it failed or was cancelled, and says so
+                            # itself): stop fetching, without an error of our own that
+                            # would turn its cancellation into an exception group.
+                            tg.cancel_scope.cancel()
+                            return
                         window.release()
 
             tg.start_soon(deliver)
@@ -152,7 +160,10 @@ class RangeReader:
                     await window.acquire()
                     item = _InFlight(page)
                     tg.start_soon(fetch, item)
-                    await queued_send.send(item)
+                    try:
+                        await queued_send.send(item)
+                    except anyio.BrokenResourceError:
+                        return  # deliver left: the consumer is gone
 
     async def _fetch(self, page: Page) -> list[pa.RecordBatch]:
         """The rows of one page, following a short page with a fetch of the rest."""
@@ -166,7 +177,8 @@ class RangeReader:
                 )
             self.requests += 1
             try:
-                decoded = await anyio.to_thread.run_sync(
+                # Run to its end even when cancelled: no decode outlives the export.
+                decoded = await run_to_end(
                     decode_page,
                     response.body,
                     response.method,

@@ -1,0 +1,274 @@
+"""An export is of one job (issue 17, item 1): a re-run of the job while it is exported, or
+between an interrupted export and its resume, is caught and named, never mixed in.
+
+The emulator sends a ``job_id``; :class:`NoJobIds` is one that does not, where the job's
+identity is its config plus a fingerprint of its first rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from breadasync import BreadClient, DataIntegrityError, ExportMismatchError, NotFoundError
+from breadasync.emulator import Emulator, EmulatorThread, JobView
+from breadasync.export import ExportProgress, batch_to_rows
+
+ROWS = 10_000
+PART = 1000
+# Small pages and a small window: when the job is re-run after two parts, most pages are
+# still to be fetched (at most concurrency + 8 pages are fetched ahead of the writer).
+OPTIONS: dict[str, Any] = {"page_size": 100, "concurrency": 4, "rows_per_part": PART}
+
+frozen = pytest.mark.bread_emulator(speed=0)
+
+
+class NoJobIds(Emulator):
+    """An emulator whose job statuses carry no ``job_id``, and whose re-runs produce other
+    rows with the same config (as a real model does)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reruns: dict[int, int] = {}
+        """The re-run number of each target state (by uid) that is a re-run."""
+
+    def _job_body(self, state: Any, kind: str, view: JobView) -> dict[str, Any]:
+        body = super()._job_body(state, kind, view)
+        body.pop("job_id", None)
+        return body
+
+    def _rows(self, kind: str, state: Any, offset: int, count: int) -> bytes:
+        data = super()._rows(kind, state, offset, count)
+        run = self.reruns.get(state.uid)
+        if kind != "rollout" or run is None:
+            return data
+        rows = orjson.loads(data)
+        for row in rows:
+            row["response"] = f"{row.get('response')} (re-run {run})"
+        return orjson.dumps(rows)
+
+
+def rerun(emulator: Emulator, rows: int = ROWS, model: str | None = None) -> None:
+    """Re-run the rollout of r/t: a new job, complete, with ``rows`` lines (a test-only
+    stand-in for the emulator's own re-run)."""
+    overrides = {"model_name": model} if model else None
+    emulator.add_target("r", "t", rows=rows, rollout="complete", overrides=overrides)
+    if isinstance(emulator, NoJobIds):
+        emulator.reruns[emulator._repos["r"]["t"].uid] = len(emulator.reruns) + 1
+
+
+def after_rows(rows: int, action: Callable[[], None]) -> Callable[[ExportProgress], None]:
+    """An ``on_progress`` callback that runs ``action`` once, when ``rows`` rows are done."""
+    done = False
+
+    def callback(progress: ExportProgress) -> None:
+        nonlocal done
+        if not done and progress.rows >= rows:
+            done = True
+            action()
+
+    return callback
+
+
+def manifest(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((folder / "_manifest.json").read_bytes())
+    return data
+
+
+@pytest.fixture
+def no_job_ids() -> Iterator[NoJobIds]:
+    emulator = NoJobIds(speed=0)
+    with EmulatorThread(emulator):
+        yield emulator
+
+
+@pytest.fixture
+async def client_of() -> AsyncIterator[Callable[[Emulator], BreadClient]]:
+    clients: list[BreadClient] = []
+
+    def make(emulator: Emulator) -> BreadClient:
+        client = BreadClient(emulator.api_key, emulator.url)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+# --- a re-run while the export reads -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "model"),
+    [(ROWS, None), (ROWS + 1000, None), (ROWS, "other/model")],
+    ids=["same-lines", "other-lines", "other-model"],
+)
+@frozen
+async def test_a_rerun_during_the_export_is_caught_and_named(
+    make_client: Callable[..., BreadClient],
+    bread_emulator: Emulator,
+    tmp_path: Path,
+    rows: int,
+    model: str | None,
+) -> None:
+    client = make_client()
+    bread_emulator.add_target("r", "t", rows=ROWS, rollout="complete")
+    old = bread_emulator.job("r", "t").job_id
+    with pytest.raises(DataIntegrityError) as caught:
+        await client.export_rollout(
+            "t",
+            repo_name="r",
+            dest=tmp_path,
+            on_progress=after_rows(2 * PART, lambda: rerun(bread_emulator, rows, model)),
+            **OPTIONS,
+        )
+    new = bread_emulator.job("r", "t").job_id
+    assert old != new
+    message = str(caught.value)
+    assert f"job {old}" in message
+    assert f"job {new}" in message
+    assert "rows of two jobs must not be mixed" in message
+    assert not (tmp_path / "_manifest.json").exists()
+
+    # The parts of the first job are not resumed into the second one ...
+    with pytest.raises(ExportMismatchError, match=rf"\(job {old}\)"):
+        await client.export_rollout("t", repo_name="r", dest=tmp_path, **OPTIONS)
+    # ... and replacing them yields exactly the new job's rows, recorded as its export.
+    result = await client.export_rollout("t", repo_name="r", dest=tmp_path, resume=False, **OPTIONS)
+    assert (result.rows, result.parts_reused) == (rows, 0)
+    assert batch_to_rows(pq.read_table(tmp_path)) == bread_emulator.trajectories("r", "t")
+    assert manifest(tmp_path)["identity"]["job"] == {"job_id": new}
+    assert manifest(tmp_path)["job"]["job_id"] == new
+
+
+@frozen
+async def test_a_finished_stream_of_a_rerun_job_is_an_error(
+    make_client: Callable[..., BreadClient], bread_emulator: Emulator
+) -> None:
+    client = make_client()
+    bread_emulator.add_target("r", "t", rows=ROWS, rollout="complete")
+    old = bread_emulator.job("r", "t").job_id
+    seen = 0
+
+    async def stream() -> None:
+        nonlocal seen
+        async with client.iter_rollout_batches(
+            "t", repo_name="r", page_size=100, concurrency=4
+        ) as batches:
+            async for batch in batches:
+                seen += batch.num_rows
+                if seen == 2 * PART:
+                    rerun(bread_emulator)
+
+    with pytest.raises(DataIntegrityError, match=rf"began with job {old} .* now has job"):
+        await stream()
+    assert seen == ROWS  # same lines, same rows: only the job's identity tells
+
+
+# --- a re-run between an interrupted export and its resume ---------------------------------
+
+
+async def interrupted(client: BreadClient, dest: Path) -> None:
+    """An export stopped after two parts (the journal holds them), as Ctrl-C would."""
+    with anyio.CancelScope() as scope:
+        await client.export_rollout(
+            "t", repo_name="r", dest=dest, on_progress=after_rows(3 * PART, scope.cancel), **OPTIONS
+        )
+    assert scope.cancelled_caught
+    assert (dest / "_journal.jsonl").exists()
+    assert not (dest / "_manifest.json").exists()
+
+
+@pytest.mark.parametrize("rows", [ROWS, ROWS + 500], ids=["same-lines", "other-lines"])
+@frozen
+async def test_a_rerun_between_interruption_and_resume(
+    make_client: Callable[..., BreadClient], bread_emulator: Emulator, tmp_path: Path, rows: int
+) -> None:
+    client = make_client()
+    bread_emulator.add_target("r", "t", rows=ROWS, rollout="complete")
+    old = bread_emulator.job("r", "t").job_id
+    await interrupted(client, tmp_path)
+    rerun(bread_emulator, rows)
+    with pytest.raises(ExportMismatchError, match=rf"\(job {old}\).*resume=False"):
+        await client.export_rollout("t", repo_name="r", dest=tmp_path, **OPTIONS)
+    result = await client.export_rollout("t", repo_name="r", dest=tmp_path, resume=False, **OPTIONS)
+    assert (result.rows, result.parts_reused) == (rows, 0)
+    assert batch_to_rows(pq.read_table(tmp_path)) == bread_emulator.trajectories("r", "t")
+
+
+@frozen
+async def test_without_a_rerun_the_resume_keeps_the_parts(
+    make_client: Callable[..., BreadClient], bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    client = make_client()
+    bread_emulator.add_target("r", "t", rows=ROWS, rollout="complete")
+    await interrupted(client, tmp_path)
+    result = await client.export_rollout("t", repo_name="r", dest=tmp_path, **OPTIONS)
+    assert result.parts_reused >= 2
+    assert result.parts_reused + result.parts_written == ROWS // PART
+    assert batch_to_rows(pq.read_table(tmp_path)) == bread_emulator.trajectories("r", "t")
+
+
+# --- a service without job ids -------------------------------------------------------------
+
+
+async def test_without_job_ids_config_and_first_rows_identify_the_job(
+    no_job_ids: NoJobIds, client_of: Callable[[Emulator], BreadClient], tmp_path: Path
+) -> None:
+    client = client_of(no_job_ids)
+    no_job_ids.add_target("r", "t", rows=ROWS, rollout="complete")
+    await client.export_rollout("t", repo_name="r", dest=tmp_path / "a", **OPTIONS)
+    job = manifest(tmp_path / "a")["identity"]["job"]
+    assert set(job) == {"config", "first_rows"}
+    assert batch_to_rows(pq.read_table(tmp_path / "a")) == no_job_ids.trajectories("r", "t")
+
+    # Re-run with the same config and lines but other rows, during the export: the first
+    # rows, fetched again at the end, tell.
+    with pytest.raises(DataIntegrityError, match="rows of two jobs must not be mixed"):
+        await client.export_rollout(
+            "t",
+            repo_name="r",
+            dest=tmp_path / "b",
+            on_progress=after_rows(2 * PART, lambda: rerun(no_job_ids)),
+            **OPTIONS,
+        )
+    # Between an interruption and its resume: the parts of the earlier job are refused.
+    await interrupted(client, tmp_path / "c")
+    rerun(no_job_ids)
+    with pytest.raises(ExportMismatchError, match="the job with config"):
+        await client.export_rollout("t", repo_name="r", dest=tmp_path / "c", **OPTIONS)
+    # A re-run with another model changes the config: caught by the status read at the end.
+    with pytest.raises(DataIntegrityError, match=r"\(model other/model\)"):
+        await client.export_rollout(
+            "t",
+            repo_name="r",
+            dest=tmp_path / "d",
+            on_progress=after_rows(2 * PART, lambda: rerun(no_job_ids, model="other/model")),
+            **OPTIONS,
+        )
+
+
+# --- the batch stream checks its target when entered ---------------------------------------
+
+
+@frozen
+async def test_the_stream_checks_the_target_when_entered(
+    make_client: Callable[..., BreadClient], bread_emulator: Emulator
+) -> None:
+    client = make_client()
+    entered = False
+    with pytest.raises(NotFoundError):
+        async with client.iter_rollout_batches("ghost", repo_name="r"):
+            entered = True
+    assert not entered
+    assert bread_emulator.stats.count("get_rollout_output") == 0
+    stream = client.iter_rollout_batches("ghost", repo_name="r")
+    with pytest.raises(RuntimeError, match="inside 'async with"):
+        await stream.__anext__()
