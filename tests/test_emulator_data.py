@@ -11,10 +11,10 @@ import pytest
 
 from breadasync.emulator import (
     Clock,
-    Profile,
     Emulator,
     EmulatorServer,
     EmulatorThread,
+    Profile,
     RowShape,
     TargetPlan,
     trajectory_row,
