@@ -230,6 +230,12 @@ def _parser() -> argparse.ArgumentParser:
         help="answer in the docs' shapes (default) or the OpenAPI spec's",
     )
     emu.add_argument(
+        "--profile",
+        choices=["realistic", "simple"],
+        help="the data profile: rows and jobs as the world has them (default), or the "
+        "friendly 'simple' rows",
+    )
+    emu.add_argument(
         "--speed", type=_nonnegative_float, help="emulated seconds per real second (default 1)"
     )
     emu.add_argument("--seed", type=int, help="seed for fault injection (default 0)")
@@ -605,6 +611,7 @@ async def cmd_emulator(args: argparse.Namespace, ui: Ui) -> int:
         for key, value in (
             ("api_key", args.api_key),
             ("dialect", args.dialect),
+            ("profile", args.profile),
             ("speed", args.speed),
             ("seed", args.seed),
         )

@@ -31,6 +31,7 @@ from ._state import (
     NOT_STARTED,
     JobView,
     Preset,
+    Progress,
     TargetPlan,
     TargetState,
     merged_config,
@@ -263,6 +264,12 @@ class Emulator(FaultExecution, ApiHandlers):
             state = self._require(repo, target)
             job = state.stim if kind == "stim" else state.rollout
             return job.view(self.clock.now()) if job else NOT_STARTED
+
+    def progress_mode(self, repo: str, target: str) -> Progress:
+        """What the target's running jobs tell: ``full``, ``lines`` or ``final`` (see
+        :attr:`TargetPlan.progress`)."""
+        with self._lock:
+            return self._require(repo, target).progress
 
     def trajectory(
         self, repo: str, target: str, index: int, *, generation: int | None = None
