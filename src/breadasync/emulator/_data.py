@@ -264,12 +264,6 @@ _BIG_POOL = 16
 _SMALL_POOL = 8
 
 
-def _mix(x: int) -> int:
-    """A cheap 64-bit mix (one multiply): enough to spread a row index over the pools."""
-    x = (x * 0x9E3779B97F4A7C15) & _MASK64
-    return x ^ (x >> 29)
-
-
 def _text(h: int, low: int, high: int) -> str:
     n = low + h % (high - low + 1)
     return "".join(_REAL_FRAGMENTS[_splitmix(h + k) % len(_REAL_FRAGMENTS)] for k in range(n))
@@ -374,48 +368,94 @@ def _pools(shape: RowShape, dialect: Dialect) -> tuple[tuple[bytes, ...], ...]:
 
 
 _QUESTION_JSON = tuple(orjson.dumps(q)[:-1] for q in _QUESTIONS)
-assert len(_QUESTION_JSON) == 16  # picked with ``& 15`` on the hot path
+_STIMULUS_PREFIX = tuple(b'{"stimulus":' + q + b" (#" for q in _QUESTION_JSON)
+_SEQ = 1 << 16
+_SEQ_MASK = _SEQ - 1
+_QUESTION_OF = tuple(_splitmix(k + 13_000_003) % len(_QUESTIONS) for k in range(_SEQ))
+"""The question of a stimulus: ``_QUESTION_OF[(stimulus_id + offset(seed)) % 65536]``."""
+
+
+def _offset(seed: int) -> int:
+    return _splitmix(seed) & _SEQ_MASK
 
 
 def _realistic_question(seed: int, stimulus_id: int) -> int:
-    return (_mix(seed ^ stimulus_id) >> 52) & 15
+    return _QUESTION_OF[(stimulus_id + _offset(seed)) & _SEQ_MASK]
+
+
+@functools.lru_cache(maxsize=16)
+def _sequence(shape: RowShape, dialect: Dialect) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """65,536 row bodies in a fixed random order, and the same with the rare ``tool_calls``
+    rows replaced (for the first page, where they never appear). A target's rows walk this
+    sequence from an offset of its own (and of its job's generation), so building a page is
+    a lookup and a format per row."""
+    normal, big, empty, tools = _pools(shape, dialect)
+    sequence: list[bytes] = []
+    first_page: list[bytes] = []
+    for k in range(_SEQ):
+        h = _splitmix(k + 17_000_003)
+        rare = (h >> 20) % 7000
+        plain = normal[(h >> 8) % _POOL]
+        if rare < 14:  # 1 row in 500: a 45-55 KB response
+            entry = big[(h >> 8) % _BIG_POOL]
+        elif rare < 21:  # 1 in 1,000: an empty one
+            entry = empty[(h >> 8) % _SMALL_POOL]
+        elif rare < 26:  # 1 in 1,400: tool calls
+            entry = tools[(h >> 8) % _SMALL_POOL]
+        else:
+            entry = plain
+        sequence.append(entry)
+        first_page.append(plain if rare >= 21 and rare < 26 else entry)
+    return tuple(sequence), tuple(first_page)
 
 
 def realistic_rows(
     seed: int, start: int, stop: int, shape: RowShape, dialect: Dialect, generation: int
 ) -> list[bytes]:
     """Serialised rows ``start..stop-1`` of the realistic profile (the emulator's hot path:
-    one multiply, one modulo and one format per row)."""
-    normal, big, empty, tools = _pools(shape, dialect)
-    rows_seed = generation_seed(seed, generation)
+    a lookup and a format per row)."""
+    sequence, first_page = _sequence(shape, dialect)
+    stimuli = _offset(seed)
+    # A re-run walks the sequence from elsewhere: different rows at every offset.
+    rows = (stimuli + generation * 0x9E37) & _SEQ_MASK
     per = max(1, shape.num_traj_per_stimulus)
-    reuse = rows_seed == seed and per == 1
-    docs = dialect == "docs"
     out: list[bytes] = []
-    append = out.append
-    for i in range(start, stop):
-        x = ((rows_seed ^ i) * 0x9E3779B97F4A7C15) & _MASK64
-        h = x ^ (x >> 29)
-        rare = (h >> 20) % 7000
-        if rare >= 26:
-            entry = normal[(h >> 8) & 4095]
-        elif rare < 14:  # 1 row in 500: a 45-55 KB response
-            entry = big[(h >> 8) & 15]
-        elif rare < 21:  # 1 in 1,000: an empty one
-            entry = empty[(h >> 8) & 7]
-        elif i >= 1000:  # 1 in 1,400, never on the first page: tool calls
-            entry = tools[(h >> 8) & 7]
-        else:
-            entry = normal[(h >> 8) & 4095]
-        if docs:
-            if reuse:
-                q = (h >> 52) & 15
-                sid = i
-            else:
-                sid = i // per
-                q = _realistic_question(seed, sid)
-            append(b'{"stimulus":%b (#%d)",%b}' % (_QUESTION_JSON[q], sid, entry))
-        else:
-            sid, tid = divmod(i, per)
-            append(b'{"stimulus_id":%d,"trajectory_id":%d,%b}' % (sid, tid, entry))
+    if start < 1000:
+        # tool_calls never appear on the first page: a schema inferred from it misses them.
+        cut = min(stop, 1000)
+        out += _walk(first_page, start, cut, rows, stimuli, per, dialect)
+        start = cut
+    if start < stop:
+        out += _walk(sequence, start, stop, rows, stimuli, per, dialect)
     return out
+
+
+def _walk(
+    sequence: tuple[bytes, ...],
+    start: int,
+    stop: int,
+    rows: int,
+    stimuli: int,
+    per: int,
+    dialect: Dialect,
+) -> list[bytes]:
+    mask = _SEQ_MASK
+    if dialect == "docs":
+        prefix = _STIMULUS_PREFIX
+        question = _QUESTION_OF
+        if per == 1:
+            return [
+                b'%b%d)",%b}'
+                % (prefix[question[(i + stimuli) & mask]], i, sequence[(i + rows) & mask])
+                for i in range(start, stop)
+            ]
+        return [
+            b'%b%d)",%b}'
+            % (prefix[question[(i // per + stimuli) & mask]], i // per, sequence[(i + rows) & mask])
+            for i in range(start, stop)
+        ]
+    return [
+        b'{"stimulus_id":%d,"trajectory_id":%d,%b}'
+        % (i // per, i % per, sequence[(i + rows) & mask])
+        for i in range(start, stop)
+    ]
