@@ -206,16 +206,19 @@ class ApiHandlers(EmulatorCore):
             if self.dialect == "docs":
                 # The docs page lists ``parameters`` last, after ``output``.
                 parameters = envelope.pop("parameters")
-                body = (
-                    orjson.dumps(envelope)[:-1]
-                    + b',"output":'
-                    + rows
-                    + b',"parameters":'
-                    + orjson.dumps(parameters)
-                    + b"}"
+                # One join, not a chain of ``+``: each ``+`` would copy the whole page.
+                body = b"".join(
+                    (
+                        orjson.dumps(envelope)[:-1],
+                        b',"output":',
+                        rows,
+                        b',"parameters":',
+                        orjson.dumps(parameters),
+                        b"}",
+                    )
                 )
             else:
-                body = orjson.dumps(envelope)[:-1] + b',"output":' + rows + b"}"
+                body = b"".join((orjson.dumps(envelope)[:-1], b',"output":', rows, b"}"))
         context.rows = count
         return web.Response(body=body, content_type=JSON_TYPE)
 
