@@ -1,7 +1,13 @@
-"""Shared benchmark plumbing: an emulator in its own process, timing, and RESULTS.md."""
+"""Shared benchmark plumbing: an emulator in its own process, timing, and RESULTS.md.
+
+Every benchmark runs on the emulator's ``realistic`` data profile (rows and jobs as the world
+has them) unless ``--profile simple`` asks for the friendly one; that run writes its own
+section of RESULTS.md, labelled, beside the realistic one.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -20,6 +26,48 @@ import psutil
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SCRIPT = Path(sys.executable).with_name("breadasync")
+PROFILES = ("realistic", "simple")
+PROFILE = "realistic"
+"""The data profile of every emulator this run starts (set by :func:`use_profile`)."""
+
+
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--profile realistic|simple`` (default realistic)."""
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="realistic",
+        help="the emulator's data profile: realistic (default) or the friendly 'simple'",
+    )
+
+
+def use_profile(profile: str) -> None:
+    """Run every emulator of this process with ``profile``."""
+    global PROFILE
+    if profile not in PROFILES:
+        raise SystemExit(f"unknown profile {profile!r}; use one of {PROFILES}")
+    PROFILE = profile
+
+
+def parse_profile(argv: list[str] | None = None) -> str:
+    """Parse a command line that takes only ``--profile``; applies it and returns it."""
+    parser = argparse.ArgumentParser()
+    add_profile_argument(parser)
+    profile: str = parser.parse_args(argv).profile
+    use_profile(profile)
+    return profile
+
+
+def section(name: str) -> str:
+    """The RESULTS.md section of benchmark ``name`` for this run's profile."""
+    return name if PROFILE == "realistic" else f"{name}-{PROFILE}"
+
+
+def profile_label() -> str:
+    """How a section names the data it measured."""
+    if PROFILE == "realistic":
+        return "the emulator's realistic data profile"
+    return "the emulator's friendly `simple` profile (not what the world sends)"
 
 
 @dataclass
@@ -37,10 +85,11 @@ class RemoteEmulator:
 
 @contextmanager
 def emulator_process(scenario: dict[str, Any], workdir: Path) -> Iterator[RemoteEmulator]:
-    """Start ``breadasync emulator`` with a scenario; stop it on exit."""
+    """Start ``breadasync emulator`` with a scenario (and this run's data profile, unless the
+    scenario names one); stop it on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "scenario.json"
-    path.write_text(json.dumps(scenario))
+    path.write_text(json.dumps({"profile": PROFILE, **scenario}))
     proc = subprocess.Popen(
         [str(SCRIPT), "emulator", "--port", "0", "--json", "--scenario", str(path)],
         stdout=subprocess.PIPE,

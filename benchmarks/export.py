@@ -35,9 +35,13 @@ from typing import Any
 from benchmarks._common import (
     HERE,
     RemoteEmulator,
+    add_profile_argument,
     emulator_process,
     machine,
+    profile_label,
+    section,
     table,
+    use_profile,
     write_section,
 )
 
@@ -287,7 +291,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--big-rows", type=int, default=5_000_000)
     parser.add_argument("--child", nargs=5, metavar=("VARIANT", "URL", "KEY", "TARGET", "OUT"))
+    add_profile_argument(parser)
     args = parser.parse_args()
+    use_profile(args.profile)
     if args.child:
         child(*args.child)
         return
@@ -324,7 +330,7 @@ def main() -> None:
     ]
     body = (
         "## Bulk export to Parquet (issue 5)\n\n"
-        f"{args.rows:,} rows (~1.05 KB each as JSON) from the emulator in its own process, "
+        f"{args.rows:,} rows of {profile_label()} from the emulator in its own process, "
         f"{LATENCY * 1000:.0f} ms added to every answer, pages of {PAGE}, "
         f"{CONCURRENCY} in flight where a variant is concurrent; {machine()}. Each variant "
         "runs in its own process. The SDK loops declare a schema of the fields they know "
@@ -344,7 +350,7 @@ def main() -> None:
             f"{args.rows:,} rows, {big['peak_rss_mb']:,.0f} MB at {args.big_rows:,} rows "
             f"({big['rows'] / big['seconds']:,.0f} rows/s; target: under 300 MB at both)."
         )
-    write_section("export", body)
+    write_section(section("export"), body)
     print(body)
 
 

@@ -29,6 +29,9 @@ from benchmarks._common import (
     control,
     emulator_process,
     machine,
+    parse_profile,
+    profile_label,
+    section,
     table,
     write_section,
 )
@@ -151,6 +154,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
+    parse_profile()
     durations = durations_for(TARGETS, MIN_SECONDS, MAX_SECONDS, seed=1)
     runs = {
         "breadasync rollout_many": measure(run_breadasync, durations),
@@ -177,7 +181,8 @@ def main() -> None:
         "## Fan-out (issue 4)\n\n"
         f"{TARGETS:,} targets, job durations uniform in {MIN_SECONDS:.0f}-{MAX_SECONDS:.0f} s "
         f"(real time), concurrency {CONCURRENCY}, emulator in its own process adding "
-        f"{LATENCY * 1000:.0f} ms to each answer; {machine()}. "
+        f"{LATENCY * 1000:.0f} ms to each answer, jobs of {profile_label()} (some report "
+        f"only lines, or nothing until done); {machine()}. "
         "Wall is from the first request to the last result; slowest job is when the last "
         "job completed, from the first request; detection lag is the time from a job's "
         "completion to the answer that showed it.\n\n"
@@ -202,7 +207,7 @@ def main() -> None:
         f"this process grew by **{delta_mb:.0f} MB** at its peak over {base_mb:.0f} MB "
         "before the call (target: under 100 MB)."
     )
-    write_section("fanout", body)
+    write_section(section("fanout"), body)
     print(body)
 
 

@@ -17,7 +17,16 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from benchmarks._common import RemoteEmulator, emulator_process, machine, table, write_section
+from benchmarks._common import (
+    RemoteEmulator,
+    emulator_process,
+    machine,
+    parse_profile,
+    profile_label,
+    section,
+    table,
+    write_section,
+)
 
 CONCURRENCY = 64
 REQUESTS_PER_ROUND = 6000
@@ -70,6 +79,7 @@ async def timed(call: Callable[[], Awaitable[object]], total: int) -> tuple[floa
 
 
 def main() -> None:
+    parse_profile()
     scenario = {
         "speed": 0,
         "targets": [{"repo": "bench", "target": "t", "rows": 1000, "rollout": "complete"}],
@@ -106,7 +116,7 @@ def main() -> None:
         "## Status-poll throughput (issue 3)\n\n"
         f"`GET .../rollout` at concurrency {CONCURRENCY}, {ROUNDS} alternating rounds of "
         f"{REQUESTS_PER_ROUND:,} requests after {WARMUP} of warm-up, against the emulator in "
-        f"its own process; {machine()}. Medians of the rounds.\n\n"
+        f"its own process ({profile_label()}); {machine()}. Medians of the rounds.\n\n"
         + table(
             [
                 "client",
@@ -119,7 +129,7 @@ def main() -> None:
         )
         + f"\n\n**breadasync / official SDK: {ratio:.2f}x** requests/s (target: >= 2x)."
     )
-    write_section("status_polls", body)
+    write_section(section("status_polls"), body)
     print(body)
 
 

@@ -98,6 +98,14 @@ def api(http: aiohttp.ClientSession, bread_emulator: Emulator) -> RawApi:
     return RawApi(http, bread_emulator)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A failing test reports what failed, not the DEBUG records the key-leak check below
+    collects (aiohttp and breadasync run at DEBUG for it): pytest's own log capture shows
+    warnings and errors only, unless ``--log-level`` or ``log_level`` asks for more."""
+    if config.getoption("log_level", None) is None and not config.getini("log_level"):
+        config.option.log_level = "WARNING"
+
+
 # --- client fixtures -----------------------------------------------------------------------
 
 FAST_RETRY = RetryPolicy(max_retries=3, initial_backoff=0.001, max_backoff=0.005)

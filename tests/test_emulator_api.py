@@ -115,7 +115,7 @@ async def test_stim_then_rollout_lifecycle(api: RawApi, bread_emulator: Emulator
         "my_repo",
         "t",
         overrides={"model_name": "m", "num_traj_per_stimulus": 4},
-        plan=TargetPlan(stimuli=25, stim_seconds=5, rollout_seconds=10),
+        plan=TargetPlan(stimuli=25, stim_seconds=5, rollout_seconds=10, progress="full"),
         stim="not_started",
     )
     assert (await api.get(T + "/t/stim")).json() == {
@@ -414,7 +414,7 @@ async def test_spec_dialect_shapes(api: RawApi, bread_emulator: Emulator) -> Non
         "my_repo",
         "t",
         overrides={"model_name": "m", "num_traj_per_stimulus": 3},
-        plan=TargetPlan(stimuli=4),
+        plan=TargetPlan(stimuli=4, progress="full"),
     )
     status = (await api.post(T + "/t/rollout")).json()
     assert set(status) >= {"status", "lines", "config", "total_expected", "job_id"}

@@ -1,15 +1,21 @@
-"""Contract: in the spec dialect, every answer validates against the published OpenAPI spec.
+"""Contract: every answer, in both dialects, validates against our own pinned schema of the
+response shapes we use (``tests/data/bread-response-shapes.schema.json``, written from the
+project's API notes); in the spec dialect, also against the published OpenAPI spec when it is
+there.
 
-The spec is reference data kept beside this repository (``../shared/reference/``), not in it;
-set ``BREAD_OPENAPI_SPEC`` to its path to run these tests elsewhere.
+The published spec is reference data kept beside this repository (``../shared/reference/``),
+not in it (the notes ask us not to copy it); set ``BREAD_OPENAPI_SPEC`` to its path to check it
+elsewhere. Our schema is always checked, so this test never skips on a fresh clone.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from breadasync.emulator import Emulator, Faults, TargetPlan
@@ -21,14 +27,18 @@ SPEC = Path(
         Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "bread-openapi.yaml",
     )
 )
-pytestmark = [
-    pytest.mark.skipif(
-        not SPEC.is_file(),
-        reason=f"the published OpenAPI spec is not at {SPEC} (it lives beside the repository, "
-        "in ../shared/reference/); set BREAD_OPENAPI_SPEC to its path to run the contract tests",
-    ),
-    pytest.mark.bread_emulator(dialect="spec", speed=0),
-]
+SHAPES = Path(__file__).resolve().parent / "data" / "bread-response-shapes.schema.json"
+SHAPE_OF = {
+    "list_targets": "TargetList",
+    "create_target": "Target",
+    "get_target": "Target",
+    "run_stim": "Job",
+    "get_stim": "Job",
+    "run_rollout": "Job",
+    "get_rollout": "Job",
+    "get_stim_output": "OutputPage",
+    "get_rollout_output": "OutputPage",
+}
 
 ROUTES = {
     "list_targets": ("/v1/repo/{repo_name}/targets", "get"),
@@ -44,10 +54,38 @@ ROUTES = {
 
 
 @pytest.fixture(scope="module")
-def spec() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml")
+def spec() -> dict[str, Any] | None:
+    """The published spec, or ``None`` where it is not beside the repository."""
+    if not SPEC.is_file():
+        return None
+    import yaml
+
     loaded: dict[str, Any] = yaml.safe_load(SPEC.read_text())
     return loaded
+
+
+class Shapes:
+    """Our pinned schema of the answers we use."""
+
+    def __init__(self) -> None:
+        from jsonschema import Draft202012Validator
+        from referencing import Registry, Resource
+
+        schema = orjson.loads(SHAPES.read_bytes())
+        Draft202012Validator.check_schema(schema)
+        self.registry = Registry().with_resource(schema["$id"], Resource.from_contents(schema))
+        self.base = schema["$id"]
+        self.validator_class = Draft202012Validator
+        self.checked: set[tuple[str, int]] = set()
+
+    def check(self, route: str, reply: Reply) -> None:
+        name = SHAPE_OF[route] if reply.status < 300 else "Error"
+        validator = self.validator_class(
+            {"$ref": f"{self.base}#/$defs/{name}"}, registry=self.registry
+        )
+        errors = sorted(validator.iter_errors(reply.json()), key=str)
+        assert not errors, f"{route} {reply.status} ({name}): {errors[0].message}"
+        self.checked.add((route, reply.status))
 
 
 class Contract:
@@ -85,10 +123,37 @@ class Contract:
         self.checked.add((route, reply.status))
 
 
-async def test_every_answer_validates_against_the_spec(
-    api: RawApi, bread_emulator: Emulator, spec: dict[str, Any]
+@pytest.mark.bread_emulator(dialect="spec", speed=0)
+async def test_every_spec_answer_validates(
+    api: RawApi, bread_emulator: Emulator, spec: dict[str, Any] | None
 ) -> None:
-    contract = Contract(spec)
+    shapes = Shapes()
+    contract = Contract(spec) if spec is not None else None
+
+    def check(route: str, reply: Reply) -> None:
+        shapes.check(route, reply)
+        if contract is not None:
+            contract.check(route, reply)
+
+    await exercise(api, bread_emulator, check)
+    assert {route for route, _ in shapes.checked} == set(ROUTES)
+    if contract is not None:
+        assert contract.checked == shapes.checked
+
+
+@pytest.mark.bread_emulator(speed=0)
+async def test_every_docs_answer_validates_against_our_shapes(
+    api: RawApi, bread_emulator: Emulator
+) -> None:
+    shapes = Shapes()
+    await exercise(api, bread_emulator, shapes.check)
+    assert {route for route, _ in shapes.checked} == set(ROUTES)
+
+
+async def exercise(
+    api: RawApi, bread_emulator: Emulator, contract_check: Callable[[str, Reply], None]
+) -> None:
+    """Every route, in its good and bad answers, each checked by ``contract_check``."""
     base = "/v1/repo/my_repo/targets"
     body = {
         "target_name": "t",
@@ -102,7 +167,7 @@ async def test_every_answer_validates_against_the_spec(
 
     async def check(route: str, reply: Reply, status: int) -> None:
         assert reply.status == status, reply.body
-        contract.check(route, reply)
+        contract_check(route, reply)
 
     await check("create_target", await api.post(base, json=body), 201)
     await check("create_target", await api.post(base, json=body), 200)
@@ -163,4 +228,17 @@ async def test_every_answer_validates_against_the_spec(
     await check("get_rollout", await api.get(base + "/t/rollout"), 429)
     bread_emulator.set_faults(None)
 
-    assert {route for route, _ in contract.checked} == set(ROUTES)
+
+@pytest.mark.parametrize(
+    ("route", "status", "body"),
+    [
+        ("get_rollout", 200, {"status": "done", "lines": 3, "parameters": {}}),
+        ("get_rollout", 200, {"status": "complete", "parameters": {}}),
+        ("get_rollout_output", 200, {"status": "complete", "lines": 1, "config": {}}),
+        ("get_target", 404, {"detail": "Not Found"}),
+    ],
+)
+def test_our_shapes_refuse_wrong_answers(route: str, status: int, body: Any) -> None:
+    reply = Reply(status, {}, orjson.dumps(body))
+    with pytest.raises(AssertionError, match=route):
+        Shapes().check(route, reply)

@@ -14,12 +14,17 @@ from breadasync.emulator import (
     Emulator,
     EmulatorServer,
     EmulatorThread,
+    Profile,
     RowShape,
     TargetPlan,
     trajectory_row,
 )
 
 SHAPE = RowShape(model="Qwen/Qwen3-32B", temperature=0.7, num_traj_per_stimulus=5)
+SIMPLE = RowShape(
+    model="Qwen/Qwen3-32B", temperature=0.7, num_traj_per_stimulus=5, profile="simple"
+)
+REAL = RowShape(model="Qwen/Qwen3-32B", temperature=0.7)
 
 
 def test_rows_are_a_pure_function_of_their_inputs() -> None:
@@ -30,8 +35,8 @@ def test_rows_are_a_pure_function_of_their_inputs() -> None:
     assert first != other
 
 
-def test_rows_carry_realistic_awkwardness() -> None:
-    rows = [trajectory_row("repo", "target", i, SHAPE) for i in range(5000)]
+def test_simple_profile_rows_carry_friendly_awkwardness() -> None:
+    rows = [trajectory_row("repo", "target", i, SIMPLE) for i in range(5000)]
     sizes = [len(orjson.dumps(r)) for r in rows]
     assert 800 <= sum(sizes) / len(sizes) <= 1500  # about 1.1 KB a row
     assert max(sizes) > 20_000  # some tens of KB
@@ -66,10 +71,76 @@ def test_spec_rows_number_stimuli_and_trajectories() -> None:
     assert all("stimulus" not in r and "model" not in r for r in rows)
 
 
-def test_odd_types_put_strings_in_number_fields() -> None:
-    odd = RowShape(model="m", odd_types=True)
+@pytest.mark.parametrize("profile", ["realistic", "simple"])
+def test_odd_types_put_strings_in_number_fields(profile: Profile) -> None:
+    odd = RowShape(model="m", odd_types=True, profile=profile)
     rows = [trajectory_row("repo", "target", i, odd) for i in range(2000)]
     assert any(isinstance(r["tokens"], str) for r in rows)
+
+
+REAL_ROWS = [trajectory_row("repo", "target", i, REAL) for i in range(20_000)]
+
+
+def test_realistic_profile_is_the_default() -> None:
+    assert RowShape().profile == "realistic"
+    assert Emulator().profile == "realistic"
+    assert REAL_ROWS[:50] == [
+        trajectory_row("repo", "target", i, RowShape(model="Qwen/Qwen3-32B", temperature=0.7))
+        for i in range(50)
+    ]
+
+
+@pytest.mark.parametrize("page", range(20))
+def test_every_realistic_page_is_awkward(page: int) -> None:
+    rows = REAL_ROWS[page * 1000 : (page + 1) * 1000]
+    texts = "".join(r["response"] for r in rows)
+    for needle in ("\n", "\r\n", "\t", '"', "\\", "\\n", "\u2028", "\ufeff", "日本語", "Ответ"):
+        assert needle in texts, needle
+    for emoji in ("👨\u200d👩", "🇯🇵", "👍🏽"):  # a ZWJ sequence, a flag, a skin tone
+        assert emoji in texts
+    extra = [r for r in rows if set(r) - {"stimulus", "response", "model", "temperature", "tokens"}]
+    assert 100 <= len(extra) <= 190  # about 1 row in 7
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    assert None in rewards
+    assert 0.1 <= rewards.count(None) / len(rewards) <= 0.45  # about a quarter
+    assert any(isinstance(r.get("messages"), list) for r in rows)
+    assert any(isinstance(r.get("usage"), dict) for r in rows)
+    assert {0.0, 1.0, 0.7} <= {r["temperature"] for r in rows}
+    assert all(isinstance(r["temperature"], float) for r in rows)
+
+
+def test_realistic_sizes_and_rare_fields() -> None:
+    sizes = [len(r["response"].encode()) for r in REAL_ROWS]
+    big = [s for s in sizes if s > 40_000]
+    assert 20 <= len(big) <= 70  # about 1 in 500
+    assert all(45_000 <= s <= 55_000 for s in big)
+    assert 8 <= sizes.count(0) <= 40  # about 1 in 1,000
+    tools = [i for i, r in enumerate(REAL_ROWS) if "tool_calls" in r]
+    assert 5 <= len(tools) <= 30  # about 1 in 1,400
+    assert min(tools) >= 1000  # never on the first page: a schema inferred from it misses them
+    call = REAL_ROWS[tools[0]]["tool_calls"][0]
+    assert isinstance(call["function"]["arguments"], dict)
+
+
+def test_realistic_spec_rows_number_stimuli_and_trajectories() -> None:
+    shape = RowShape(model="m", num_traj_per_stimulus=3)
+    rows = [trajectory_row("repo", "target", i, shape, "spec") for i in range(9)]
+    assert [(r["stimulus_id"], r["trajectory_id"]) for r in rows][:4] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+    ]
+    assert all("stimulus" not in r and "model" not in r for r in rows)
+
+
+def test_generations_differ_and_generation_zero_is_stable() -> None:
+    first = REAL_ROWS[:1000]
+    again = [trajectory_row("repo", "target", i, REAL, generation=0) for i in range(1000)]
+    rerun = [trajectory_row("repo", "target", i, REAL, generation=1) for i in range(1000)]
+    assert first == again
+    assert all(a != b for a, b in zip(first, rerun, strict=True))
+    assert [r["stimulus"] for r in first] == [r["stimulus"] for r in rerun]  # same stimuli
 
 
 def test_clock_speed_and_advance() -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
+from collections import Counter
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from breadasync.emulator import Emulator, Faults
+from breadasync.emulator import HOSTILE_KINDS, Emulator, Faults
 from tests.conftest import RawApi
 
 T = "/v1/repo/r/targets"
@@ -36,9 +39,10 @@ async def test_latency_and_jitter(api: RawApi, target: Emulator) -> None:
     reply = await api.get(T + "/t/rollout")
     elapsed = time.monotonic() - started
     assert reply.status == 200
+    # Lower bounds only: the latency is a floor; how much later a busy machine answers is
+    # no business of this test.
     assert elapsed >= 0.15
-    record = target.stats.records()[-1]
-    assert 0.15 <= record.elapsed < 0.25 + 0.1  # latency + jitter, plus scheduling slack
+    assert target.stats.records()[-1].elapsed >= 0.15
 
 
 @pytest.mark.parametrize("status", [500, 408, 504])
@@ -81,9 +85,13 @@ async def test_retry_after_formats(
 
 async def test_retry_after_as_http_date(api: RawApi, target: Emulator) -> None:
     target.set_faults(Faults(errors={503: 1.0}, retry_after=30, retry_after_format="http-date"))
+    before = time.time()
     reply = await api.get(T + "/t/rollout")
+    after = time.time()
     when = email.utils.parsedate_to_datetime(reply.headers["Retry-After"]).timestamp()
-    assert 25 <= when - time.time() <= 31
+    # 30 s after the answer, to the second: bounds from the clock around the request, so a
+    # slow machine cannot break them.
+    assert before + 29 <= when <= after + 30
 
 
 async def test_x_should_retry_header(api: RawApi, target: Emulator) -> None:
@@ -93,14 +101,160 @@ async def test_x_should_retry_header(api: RawApi, target: Emulator) -> None:
 
 
 async def test_rate_limit_answers_429_with_retry_after(api: RawApi, target: Emulator) -> None:
-    target.set_faults(Faults(rate_limit=5, rate_burst=2))
+    # A rate so low that no token refills during the test, however slow the machine.
+    target.set_faults(Faults(rate_limit=0.001, rate_burst=2))
     replies = await asyncio.gather(*(api.get(T + "/t/rollout") for _ in range(10)))
     statuses = [r.status for r in replies]
-    assert statuses.count(200) in (2, 3)  # the burst, and maybe one token refilled meanwhile
+    assert statuses.count(200) == 2  # the burst
     limited = [r for r in replies if r.status == 429]
-    assert limited
-    assert all(0 < int(r.headers["retry-after-ms"]) <= 400 for r in limited)
+    assert len(limited) == 8
+    assert target.stats.faults("429") == 8
+    assert all(int(r.headers["retry-after-ms"]) > 0 for r in limited)
     assert all(r.json() == {"error": "Rate limit exceeded"} for r in limited)
+
+
+async def test_key_rate_limit_is_one_bucket_per_key(api: RawApi, target: Emulator) -> None:
+    target.set_faults(Faults(key_rate_limit=0.001, key_rate_burst=3, key_rate_no_header=0.2))
+    # Two targets, one key: every request of the key takes from the same bucket.
+    replies = await asyncio.gather(
+        *(api.get(T + ("/t/rollout" if i % 2 else "/calm/rollout")) for i in range(60))
+    )
+    assert [r.status for r in replies].count(200) == 3
+    limited = [r for r in replies if r.status == 429]
+    assert len(limited) == 57
+    assert target.stats.faults("rate_limit") == 57
+    forms = {"none": 0, "seconds": 0, "date": 0}
+    for reply in limited:
+        value = reply.headers.get("Retry-After")
+        assert "retry-after-ms" not in reply.headers
+        if value is None:
+            forms["none"] += 1
+        elif value.isdigit():
+            forms["seconds"] += 1
+            assert int(value) >= 1  # whole seconds, rounded up
+        else:
+            forms["date"] += 1
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+            assert when == int(when)  # an HTTP-date has 1 s resolution
+    assert all(forms.values()), forms  # the seeded draws give every form
+
+
+async def test_overload_answers_503_for_a_period_of_the_emulator_clock(
+    api: RawApi, target: Emulator
+) -> None:
+    target.clock.speed = 0
+    target.overload(5)
+    replies = await asyncio.gather(*(api.get(T + "/t/rollout") for _ in range(6)))
+    assert {r.status for r in replies} == {503}
+    assert {r.headers["Retry-After"] for r in replies} == {"1"}
+    assert target.stats.faults("overload") == 6
+    target.clock.advance(4.9)
+    assert (await api.get(T + "/calm/rollout")).status == 503
+    target.clock.advance(0.2)
+    assert (await api.get(T + "/t/rollout")).status == 200
+    target.overload(1, retry_after=None)
+    reply = await api.get(T + "/t/rollout")
+    assert reply.status == 503
+    assert "Retry-After" not in reply.headers
+    assert target.stats.faults("overload") == 8
+
+
+async def test_truncated_bodies_are_complete_http_but_not_json(
+    api: RawApi, target: Emulator
+) -> None:
+    target.set_faults(Faults(truncate=1.0))
+    reply = await api.get(OUT, params={"limit": "10"})
+    assert reply.status == 200
+    assert int(reply.headers["Content-Length"]) == len(reply.body)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(reply.body)
+    assert target.stats.faults("truncate") == 1
+
+
+async def test_drip_feeds_some_bodies_whole(api: RawApi, target: Emulator) -> None:
+    target.set_faults(Faults(drip=1.0, drip_rate=50_000), repo="r", target="calm")
+    reply = await api.get(T + "/calm/rollout/output", params={"limit": "3"})
+    assert reply.status == 200
+    assert reply.json()["output"] == target.trajectories("r", "calm", 0, 3)
+    assert target.stats.faults("drip") == 1
+
+
+async def test_flakiness_switches_are_independent_per_request(
+    api: RawApi, target: Emulator
+) -> None:
+    target.set_faults(
+        Faults(errors={500: 0.1, 502: 0.1, 503: 0.1, 504: 0.1}, truncate=0.1),
+        repo="r",
+        target="calm",
+    )
+    replies = [await api.get(T + "/calm/rollout") for _ in range(300)]
+    statuses = Counter(r.status for r in replies)
+    assert set(statuses) == {200, 500, 502, 503, 504}
+    stats = target.stats
+    assert sum(stats.faults(str(code)) for code in (500, 502, 503, 504)) == 300 - statuses[200]
+    assert stats.faults("truncate") > 0  # drawn on answers that were not errors
+
+
+def parse_pairs(text: str) -> tuple[Any, list[list[tuple[str, Any]]]]:
+    """Python's lenient parse (NaN, lone surrogates, big ints, duplicates all pass), with
+    every object's key-value pairs as sent."""
+    pairs: list[list[tuple[str, Any]]] = []
+
+    def hook(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        pairs.append(items)
+        return dict(items)
+
+    return json.loads(text, object_pairs_hook=hook), pairs
+
+
+@pytest.mark.parametrize("kind", [k for k in HOSTILE_KINDS if k != "huge-string"])
+async def test_hostile_bodies(api: RawApi, target: Emulator, kind: str) -> None:
+    target.set_faults(
+        Faults(corrupt=1.0, corrupt_kind=kind, hostile_keys=1000),  # type: ignore[arg-type]
+        repo="r",
+        target="t",
+    )
+    for path in (OUT, T + "/t/rollout"):
+        reply = await api.get(path, params={"limit": "10"})
+        assert reply.status == 200
+        text = reply.body.decode()
+        if kind.startswith("deep"):
+            opener = "{" if kind.endswith("object") else "["
+            assert opener * 1000 in text.replace('{"a":', "{")
+            with pytest.raises(orjson.JSONDecodeError):  # deeper than any sane parser goes
+                orjson.loads(reply.body)
+            continue
+        data, pairs = parse_pairs(text)
+        if "output" in data:
+            assert len(data["output"]) == 10
+        if kind == "many-keys":
+            assert any(len(p) == 1000 for p in pairs)
+        elif kind == "nan":
+            assert "NaN" in text
+            assert "Infinity" in text
+        elif kind == "lone-surrogate":
+            assert "\\ud83d" in text
+            with pytest.raises(orjson.JSONDecodeError):
+                orjson.loads(reply.body)
+        elif kind == "duplicate-keys":
+            assert any(len({k for k, _ in p}) < len(p) for p in pairs)
+        elif kind == "big-int":
+            assert any(
+                isinstance(v, int) and not -(2**63) <= v < 2**64 for p in pairs for _, v in p
+            )
+    assert target.stats.faults("corrupt") == 2
+
+
+@pytest.mark.bread_emulator(huge_body_bytes=3 * 1024 * 1024 + 5)
+async def test_huge_string_in_a_row_comes_in_chunks(
+    http: aiohttp.ClientSession, target: Emulator
+) -> None:
+    target.set_faults(Faults(corrupt=1.0, corrupt_kind="huge-string"))
+    headers = {"Authorization": f"Bearer {target.api_key}"}
+    async with http.get(f"{target.url}{OUT}", headers=headers) as resp:
+        assert resp.content_length is None
+        body = await resp.read()
+    assert len(orjson.loads(body)["output"][0]["response"]) == 3 * 1024 * 1024 + 5
 
 
 async def test_drop_cuts_the_body_short(http: aiohttp.ClientSession, target: Emulator) -> None:

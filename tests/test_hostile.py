@@ -106,9 +106,12 @@ async def test_soak_300k_rows_under_combined_faults(
     assert verified == 300_000
     stats = bread_emulator.stats
     faults = {kind: stats.faults(kind) for kind in ("500", "502", "503", "429", "drop")}
-    # Every kind of fault drawn per request happened, and was ridden out; a 429 needs the
-    # client to outrun the rate limit, which a busy machine may not (load-dependent).
-    assert all(count for kind, count in faults.items() if kind != "429"), faults
+    # The drawn faults (5xx, drops) are a fraction of at least 1,200 page requests, whatever
+    # the machine's load; whether the rate limit answered 429 depends on how fast the export
+    # ran, so it is reported, not asserted.
+    drawn = {kind: n for kind, n in faults.items() if kind != "429"}
+    assert all(drawn.values()), faults
+    assert stats.faults() == sum(faults.values())  # no fault of a kind not switched on
     report(
         capsys,
         f"soak: {verified:,} rows verified in {elapsed:.1f} s; "

@@ -355,6 +355,12 @@ def _emulator_parser(commands: Any, common: Parser) -> Parser:
         help="answer in the docs' shapes (default) or the OpenAPI spec's",
     )
     emu.add_argument(
+        "--profile",
+        choices=["realistic", "simple"],
+        help="the data profile: rows and jobs as the world has them (default), or the "
+        "friendly 'simple' rows",
+    )
+    emu.add_argument(
         "--speed", type=_nonnegative_float, help="emulated seconds per real second (default 1)"
     )
     emu.add_argument("--seed", type=int, help="seed for fault injection (default 0)")

@@ -318,6 +318,7 @@ async def cmd_emulator(args: argparse.Namespace, ui: Ui) -> int:
         for key, value in (
             ("api_key", args.api_key),
             ("dialect", args.dialect),
+            ("profile", args.profile),
             ("speed", args.speed),
             ("seed", args.seed),
         )

@@ -1,7 +1,8 @@
 """An emulator of the Bread API, for tests, benchmarks, demos and your own code.
 
 It speaks the rollout endpoints over real HTTP, simulates jobs on a clock you can speed up
-or stop, serves deterministic rows (:func:`trajectory_row`), injects faults on demand
+or stop, serves deterministic rows (:func:`trajectory_row`; the ``realistic`` profile by
+default, ``profile="simple"`` for the friendly one), injects faults on demand
 (:class:`Faults`) and counts every request (:class:`Stats`)::
 
     from breadasync.emulator import Emulator, EmulatorServer, Faults
@@ -15,14 +16,16 @@ In pytest, the ``bread_emulator`` fixture (installed with the package) gives a r
 """
 
 from ._app import DEFAULT_MODEL, Emulator, retry_after_headers
-from ._data import Dialect, RowShape, stimulus_row, target_seed, trajectory_row
-from ._faults import ROUTES, CorruptKind, Faults, RetryAfterFormat
+from ._data import PROFILES, Dialect, Profile, RowShape, stimulus_row, target_seed, trajectory_row
+from ._faults import HOSTILE_KINDS, ROUTES, CorruptKind, Faults, RetryAfterFormat
 from ._server import EmulatorServer, EmulatorThread
-from ._state import Clock, JobView, TargetPlan
+from ._state import Clock, JobView, Progress, TargetPlan
 from ._stats import RequestRecord, Stats
 
 __all__ = [
     "DEFAULT_MODEL",
+    "HOSTILE_KINDS",
+    "PROFILES",
     "ROUTES",
     "Clock",
     "CorruptKind",
@@ -32,6 +35,8 @@ __all__ = [
     "EmulatorThread",
     "Faults",
     "JobView",
+    "Profile",
+    "Progress",
     "RequestRecord",
     "RetryAfterFormat",
     "RowShape",

@@ -7,11 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._data import RowShape
+from ._data import Profile, RowShape, target_seed
 from ._faults import Faults
 
 JobState = Literal["not_started", "pending", "running", "complete", "failed"]
 Preset = Literal["not_started", "running", "complete", "failed"]
+Progress = Literal["full", "lines", "final"]
+PROGRESS_MODES: tuple[Progress, ...] = ("full", "lines", "final")
 
 
 class Clock:
@@ -77,6 +79,11 @@ class TargetPlan:
     """Starting a job answers 402."""
     odd_types: bool = False
     """Some rows carry a value of an unexpected type in a documented field."""
+    progress: Progress | None = None
+    """What a running job's status tells: ``full`` (``lines``, ``progress_percent`` and, in
+    the spec dialect, ``total_expected``), ``lines`` (only a growing ``lines``) or ``final``
+    (``lines`` stays 0 until the job completes). ``None``: the realistic profile picks one
+    per target, deterministically from its names; the simple profile says ``full``."""
 
     def __post_init__(self) -> None:
         if self.stimuli is not None and self.stimuli < 0:
@@ -88,6 +95,8 @@ class TargetPlan:
             raise ValueError("TargetPlan.fail_at is a fraction within 0..1")
         if self.fail not in (None, "stim", "rollout"):
             raise ValueError("TargetPlan.fail must be None, 'stim' or 'rollout'")
+        if self.progress not in (None, *PROGRESS_MODES):
+            raise ValueError("TargetPlan.progress must be None, 'full', 'lines' or 'final'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +109,8 @@ class JobView:
     progress_percent: float | None
     error: str | None
     job_id: int | None
+    generation: int = 0
+    """0 for the target's first job of its kind, n for its n-th re-run."""
 
 
 @dataclass(slots=True)
@@ -113,11 +124,13 @@ class Job:
     duration: float
     total: int
     fail_at: float | None
+    generation: int = 0
+    """0 for a target's first job of this kind, n for its n-th re-run: its rows differ."""
 
     def view(self, now: float) -> JobView:
         """The job's state at emulated time ``now``."""
         if now < self.started + self.queue:
-            return JobView("pending", 0, self.total, 0.0, None, self.job_id)
+            return JobView("pending", 0, self.total, 0.0, None, self.job_id, self.generation)
         ran = now - self.started - self.queue
         progress = 1.0 if self.duration <= 0 else min(1.0, ran / self.duration)
         if self.fail_at is not None and progress >= self.fail_at:
@@ -126,11 +139,14 @@ class Job:
                 f"{self.kind.capitalize()} worker crashed after {lines} of {self.total} lines "
                 "(simulated failure)"
             )
-            return JobView("failed", lines, self.total, None, message, self.job_id)
+            return JobView("failed", lines, self.total, None, message, self.job_id, self.generation)
         if progress >= 1.0:
-            return JobView("complete", self.total, self.total, None, None, self.job_id)
+            return JobView(
+                "complete", self.total, self.total, None, None, self.job_id, self.generation
+            )
         lines = math.floor(self.total * progress)
-        return JobView("running", lines, self.total, round(progress * 100, 1), None, self.job_id)
+        percent = round(progress * 100, 1)
+        return JobView("running", lines, self.total, percent, None, self.job_id, self.generation)
 
 
 NOT_STARTED = JobView("not_started", 0, 0, None, None, None)
@@ -167,6 +183,7 @@ class TargetState:
     stim: Job | None = None
     rollout: Job | None = None
     faults: Faults | None = None
+    profile: Profile = "realistic"
     reads: int = 0
     """Reads of a complete rollout, for the ``growing_lines`` fault."""
     rate_tokens: float | None = None
@@ -201,7 +218,17 @@ class TargetState:
             num_traj_per_stimulus=self.num_traj,
             max_tokens=int(self.config.get("max_tokens") or 1024),
             odd_types=self.plan.odd_types,
+            profile=self.profile,
         )
+
+    @property
+    def progress(self) -> Progress:
+        """What this target's running jobs tell (see :attr:`TargetPlan.progress`)."""
+        if self.plan.progress is not None:
+            return self.plan.progress
+        if self.profile == "simple":
+            return "full"
+        return PROGRESS_MODES[target_seed(self.repo, self.name) % 3]
 
 
 # --- validation of request bodies, in the style of the service (FastAPI + pydantic) ---
