@@ -4,6 +4,7 @@ async with BreadClient() as client:
     status = await client.targets.rollout.run("coding_target", repo_name="my_repo")
 """
 
+from ._aiohttp_transport import AiohttpTransport
 from ._client import BreadClient, Rollout, Stim, Targets
 from ._config import NOT_GIVEN, Limits, PollPolicy, RetryPolicy, Timeouts
 from ._errors import (
@@ -14,6 +15,7 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     BreadError,
+    CertificateError,
     ClientClosedError,
     ConfigError,
     ConflictError,
@@ -48,6 +50,7 @@ from ._fanout import (
 )
 from ._models import JobState, JobStatus, OutputPage, Target, TargetList
 from ._transport import ClientStats
+from ._transports import AsyncBaseTransport, MockTransport, TransportRequest, TransportResponse
 from ._version import __version__
 from .export import ExportResult, ExportResults
 
@@ -57,11 +60,14 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "APITimeoutError",
+    "AiohttpTransport",
     "AsCompleted",
+    "AsyncBaseTransport",
     "AuthenticationError",
     "BadRequestError",
     "BreadClient",
     "BreadError",
+    "CertificateError",
     "ClientClosedError",
     "ClientStats",
     "ConfigError",
@@ -81,6 +87,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "Limits",
+    "MockTransport",
     "NotFoundError",
     "Outcome",
     "OutputPage",
@@ -103,6 +110,8 @@ __all__ = [
     "TargetRef",
     "Targets",
     "Timeouts",
+    "TransportRequest",
+    "TransportResponse",
     "UnfinishedJobError",
     "UnprocessableEntityError",
     "__version__",

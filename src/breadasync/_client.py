@@ -56,6 +56,7 @@ from ._models import (
 )
 from ._polling import PollSchedule
 from ._transport import ClientStats, Response, Transport, decode_json
+from ._transports import AsyncBaseTransport
 from ._validation import (
     check_limit,
     check_name,
@@ -108,6 +109,8 @@ class BreadClient:
         max_body_bytes: The largest answer accepted (default 64 MiB).
         allow_insecure_http: Allow plain http to a host that is not loopback.
         trust_env: Use proxy settings from the environment (``HTTPS_PROXY``...).
+        transport: What sends single attempts (default: aiohttp); e.g. a
+            :class:`MockTransport` in tests. Retries and limits wrap it; the client closes it.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class BreadClient:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         allow_insecure_http: bool = False,
         trust_env: bool = False,
+        transport: AsyncBaseTransport | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
         url = resolve_base_url(base_url, allow_insecure_http=allow_insecure_http)
@@ -145,6 +149,7 @@ class BreadClient:
             retry=policy,
             limits=Limits(max_concurrency, max_requests_per_second, max_body_bytes),
             trust_env=trust_env,
+            transport=transport,
         )
         self.targets = Targets(self)
         """Targets, and through them their stim and rollout jobs."""
