@@ -100,8 +100,8 @@ class BreadClient:
         timeout: Seconds for one attempt, or a :class:`Timeouts` (connect 5 s, read 60 s,
             attempt 120 s, 600 s across retries by default).
         max_retries: Retries of a failed request (default 5); see :class:`RetryPolicy`.
-        max_concurrency: Requests in flight at once (default 64); it shrinks by itself while
-            the service answers 429/503 and recovers after.
+        max_concurrency: Requests in flight at once (default 64). The client also paces
+            itself after a 429 or under overload, and recovers after.
         max_requests_per_second: A pace for all requests (default: none).
         user_id: Act for this user (a master key's ``X-User-Id``) on every request.
         retry: The full retry policy (``max_retries`` overrides its count when given).

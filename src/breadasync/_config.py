@@ -154,10 +154,10 @@ class Limits:
     """How hard one client may push the service; shared by every call and task using it.
 
     Attributes:
-        max_concurrency: Requests in flight at once (default 64). When the service pushes
-            back (429/503) the effective limit halves and then recovers by one per window
-            of successes, never above this.
-        max_requests_per_second: A steady pace for all requests (default: none).
+        max_concurrency: Requests in flight at once (default 64).
+        max_requests_per_second: A steady pace for all requests (default: none). Below it,
+            the client paces itself after a 429 or under overload (see
+            :mod:`breadasync._limits`).
         max_body_bytes: The largest answer accepted (default 64 MiB).
     """
 

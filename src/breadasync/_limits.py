@@ -109,7 +109,10 @@ class Slot:
 
 
 class AdaptiveConcurrency:
-    """A cap on requests in flight that gives way when the service is overloaded.
+    """A cap on requests in flight, which can give way under pushback (``pushed_back``).
+
+    The :class:`Governor` uses it as a fixed cap and lowers the pace instead (see the module
+    docstring); the AIMD window stays available to callers that cap by concurrency.
 
     An anyio :class:`~anyio.CapacityLimiter` holds the tokens; its size follows an AIMD
     window: overload halves it (once per round trip: only answers to requests sent after the

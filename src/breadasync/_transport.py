@@ -82,8 +82,9 @@ class ClientStats:
         connection_errors: Attempts that got no usable answer.
         throttled: Answers that asked the client to slow down (429, 503).
         bytes_received: Body bytes read.
-        concurrency_limit: Requests allowed in flight now (shrinks under overload).
-        concurrency_cuts: How many times overload halved ``concurrency_limit``.
+        concurrency_limit: Requests allowed in flight now (``max_concurrency``: overload
+            lowers the pace, ``rate_limit``, instead).
+        concurrency_cuts: Kept for compatibility; always 0 now.
         max_concurrency: The configured ceiling of ``concurrency_limit``.
         in_flight: Requests in flight now.
         rate_limit: The pace the client keeps now, requests per second (``None``: unpaced;
