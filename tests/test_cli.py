@@ -421,7 +421,7 @@ def test_verbose_logs_retries_and_never_the_key(bread_emulator: Emulator, tmp_pa
     )
     done = run("status", "--repo", "r", "t", "-v", emulator=bread_emulator)
     assert done.returncode == 0, done.stderr
-    assert "retrying GET /v1/repo/r/targets/t/stim" in done.stderr
+    assert "GET /v1/repo/r/targets/t/stim -> 503 (attempt 1); retrying in" in done.stderr
     assert bread_emulator.api_key not in done.stderr + done.stdout
 
 

@@ -329,6 +329,24 @@ def test_insecure_http_needs_an_opt_in() -> None:
     assert client.base_url == "http://bread.internal:8080"
     for loopback in ("http://localhost:1", "http://127.0.0.5:1", "http://[::1]:1"):
         BreadClient("k", loopback)
+    # A name under .localhost may be resolved through DNS to anywhere: not loopback.
+    for other in ("http://api.localhost:1", "http://localhost.example:1", "http://10.0.0.1:1"):
+        with pytest.raises(ConfigError, match="not loopback"):
+            BreadClient("k", other)
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("https://bapi.bread.com.ai/v1", "https://bapi.bread.com.ai"),
+        ("https://bapi.bread.com.ai/v1/", "https://bapi.bread.com.ai"),
+        ("https://proxy.example/bread/v1", "https://proxy.example/bread"),
+        ("https://proxy.example/v1beta", "https://proxy.example/v1beta"),
+    ],
+)
+def test_a_base_url_ending_in_v1_drops_it(given: str, used: str) -> None:
+    # Every request path starts with /v1 already: /v1/v1/... would be a misleading 404.
+    assert BreadClient("k", given).base_url == used
 
 
 def test_the_key_is_in_no_repr_or_config_error() -> None:

@@ -184,6 +184,11 @@ def _is_private(name: str) -> bool:
     return name.startswith("_") and not dunder and not sunder
 
 
+FOREIGN_PRIVATE = {"session._retry_connection"}
+"""Private members of other libraries we must touch, each with its reason at the use:
+aiohttp has no public switch for its silent re-send of a GET (see _aiohttp_transport)."""
+
+
 def test_no_module_reaches_into_another_objects_private_members() -> None:
     reached = []
     for path, _ in _modules().values():
@@ -192,6 +197,8 @@ def test_no_module_reaches_into_another_objects_private_members() -> None:
             if isinstance(node, ast.Attribute) and _is_private(node.attr):
                 owner = node.value
                 if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                    continue
+                if ast.unparse(node) in FOREIGN_PRIVATE:
                     continue
                 reached.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
             elif isinstance(node, ast.ImportFrom):
@@ -210,7 +217,8 @@ def test_every_module_says_what_it_owns_and_stays_small() -> None:
         relative = path.relative_to(SRC).as_posix()
         assert ast.get_docstring(ast.parse(text)), f"{relative} has no module docstring"
         lines = len(text.splitlines())
-        if lines > MAX_LINES and relative not in PENDING_SPLITS:
+        says_why = "Why it is long:" in (ast.get_docstring(ast.parse(text)) or "")
+        if lines > MAX_LINES and relative not in PENDING_SPLITS and not says_why:
             too_long.append(f"{relative}: {lines} lines")
     assert too_long == []
 

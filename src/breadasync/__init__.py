@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from ._aiohttp_transport import AiohttpTransport
 from ._client import BreadClient, Rollout, Stim, Targets
 from ._config import NOT_GIVEN, Limits, PollPolicy, RetryPolicy, Timeouts
 from ._errors import (
@@ -20,6 +21,7 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     BreadError,
+    CertificateError,
     ClientClosedError,
     ConfigError,
     ConflictError,
@@ -46,6 +48,7 @@ from ._fanout import AsCompleted
 from ._models import JobState, JobStatus, OutputPage, Target, TargetLike, TargetList, TargetRef
 from ._results import FanoutSummary, Outcome, RolloutResult, RolloutResults, RolloutUpdate
 from ._transport import ClientStats
+from ._transports import AsyncBaseTransport, MockTransport, TransportRequest, TransportResponse
 from ._version import __version__
 
 if _TYPE_CHECKING:
@@ -75,11 +78,14 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "APITimeoutError",
+    "AiohttpTransport",
     "AsCompleted",
+    "AsyncBaseTransport",
     "AuthenticationError",
     "BadRequestError",
     "BreadClient",
     "BreadError",
+    "CertificateError",
     "ClientClosedError",
     "ClientStats",
     "ConfigError",
@@ -99,6 +105,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "Limits",
+    "MockTransport",
     "NotFoundError",
     "Outcome",
     "OutputPage",
@@ -121,6 +128,8 @@ __all__ = [
     "TargetRef",
     "Targets",
     "Timeouts",
+    "TransportRequest",
+    "TransportResponse",
     "UnfinishedJobError",
     "UnprocessableEntityError",
     "__version__",

@@ -32,6 +32,7 @@ from ._models import ProgressCallback, TargetLike, TargetRef, normalise_targets
 from ._resources import Rollout, Stim, Targets
 from ._results import RolloutResults, RolloutUpdate
 from ._transport import ClientStats, Transport
+from ._transports import AsyncBaseTransport
 from ._validation import check_user_id
 
 if TYPE_CHECKING:
@@ -63,8 +64,8 @@ class BreadClient:
         timeout: Seconds for one attempt, or a :class:`Timeouts` (connect 5 s, read 60 s,
             attempt 120 s, 600 s across retries by default).
         max_retries: Retries of a failed request (default 5); see :class:`RetryPolicy`.
-        max_concurrency: Requests in flight at once (default 64); it shrinks by itself while
-            the service answers 429/503 and recovers after.
+        max_concurrency: Requests in flight at once (default 64). The client also paces
+            itself after a 429 or under overload, and recovers after.
         max_requests_per_second: A pace for all requests (default: none).
         user_id: Act for this user (a master key's ``X-User-Id``) on every request.
         retry: The full retry policy (``max_retries`` overrides its count when given).
@@ -74,6 +75,8 @@ class BreadClient:
             one :class:`Limits` (instead of the three arguments, which it overrides).
         allow_insecure_http: Allow plain http to a host that is not loopback.
         trust_env: Use proxy settings from the environment (``HTTPS_PROXY``...).
+        transport: What sends single attempts (default: aiohttp); e.g. a
+            :class:`MockTransport` in tests. Retries and limits wrap it; the client closes it.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class BreadClient:
         limits: Limits | None = None,
         allow_insecure_http: bool = False,
         trust_env: bool = False,
+        transport: AsyncBaseTransport | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
         url = resolve_base_url(base_url, allow_insecure_http=allow_insecure_http)
@@ -109,16 +113,17 @@ class BreadClient:
         except InvalidArgumentError as exc:
             raise ConfigError(str(exc)) from None
         self._max_retries = policy.max_retries
-        transport = Transport(
+        sender = Transport(
             api_key=key,
             base_url=url,
             timeouts=Timeouts.of(timeout),
             retry=policy,
             limits=limits,
             trust_env=trust_env,
+            transport=transport,
         )
         self._api = Api(
-            transport,
+            sender,
             user_id=checked_user,
             poll_policy=poll,
             max_concurrency=limits.max_concurrency,

@@ -145,10 +145,10 @@ class Limits:
     """How hard one client may push the service; shared by every call and task using it.
 
     Attributes:
-        max_concurrency: Requests in flight at once (default 64). When the service pushes
-            back (429/503) the effective limit halves and then recovers by one per window
-            of successes, never above this.
-        max_requests_per_second: A steady pace for all requests (default: none).
+        max_concurrency: Requests in flight at once (default 64).
+        max_requests_per_second: A steady pace for all requests (default: none). Below it,
+            the client paces itself after a 429 or under overload (see
+            :mod:`breadasync._limits`).
         max_body_bytes: The largest answer accepted (default 64 MiB).
     """
 
@@ -183,8 +183,10 @@ def resolve_api_key(api_key: str | None) -> str:
 def resolve_base_url(base_url: str | None, *, allow_insecure_http: bool) -> URL:
     """The service's base URL: the argument, else ``BREAD_BASE_URL``, else the public one.
 
-    Plain ``http`` is allowed only to loopback hosts unless ``allow_insecure_http`` is set,
-    since the key travels in a header.
+    Plain ``http`` is allowed only to loopback hosts (``localhost`` itself, and the literal
+    addresses 127.0.0.0/8 and ``::1``) unless ``allow_insecure_http`` is set, since the key
+    travels in a header. A path ending in ``/v1`` (as in the API docs) is dropped: every
+    request path already starts with ``/v1``.
     """
     raw = base_url if base_url is not None else os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
     if not isinstance(raw, str):
@@ -207,11 +209,15 @@ def resolve_base_url(base_url: str | None, *, allow_insecure_http: bool) -> URL:
             "send the API key unencrypted; use https, or allow it explicitly "
             "(allow_insecure_http=True; --allow-insecure-http on the command line)"
         )
-    return url.with_path(url.path.rstrip("/"))
+    path = url.path.rstrip("/")
+    if path == "/v1" or path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return url.with_path(path)
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+    # Only what cannot leave the machine: ``*.localhost`` names may be resolved through DNS.
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback

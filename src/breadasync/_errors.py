@@ -16,6 +16,7 @@
     │   │   └── InternalServerError         5xx
     │   ├── APIConnectionError      no answer: refused, reset, dropped mid-body
     │   │   ├── APITimeoutError     no answer in time
+    │   │   ├── CertificateError    the service's TLS certificate cannot be verified (not retried)
     │   │   └── ClientClosedError   the client was closed while the request was in flight
     │   └── ProtocolError           an answer that is not a valid API response
     │       └── RedirectError       a redirect (never followed: the key must not travel)
@@ -157,6 +158,12 @@ class APIConnectionError(APIError):
 
 class APITimeoutError(APIConnectionError):
     """No complete answer within the request timeout (connect, read or the whole attempt)."""
+
+
+class CertificateError(APIConnectionError):
+    """The service's TLS certificate cannot be verified (self-signed, expired, another
+    host's). Permanent, so never retried: the base URL or the machine's trusted CA
+    certificates must change."""
 
 
 class ClientClosedError(APIConnectionError):

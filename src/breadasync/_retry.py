@@ -15,7 +15,9 @@ NEVER_RETRIED = frozenset({400, 401, 402, 403, 404, 409, 422})
 immutable target changed, not for a lock timeout)."""
 
 BACKPRESSURE = frozenset({429, 503})
-"""Answers that mean "slow down": they also shrink the client's concurrency."""
+"""Answers that mean "slow down"; counted as ``throttled`` in the client's stats. Only the
+request that got one waits its ``Retry-After``; the client as a whole slows on evidence
+(:mod:`breadasync._limits`)."""
 
 
 def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
@@ -37,7 +39,8 @@ def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the service asks to wait: ``retry-after-ms``, else ``Retry-After`` as seconds
-    (a float is accepted) or as an HTTP date; ``None`` if absent or unreadable."""
+    (a float is accepted) or as an HTTP date (against ``now``, seconds since the epoch,
+    default the system clock); ``None`` if absent or unreadable."""
     ms = headers.get("retry-after-ms")
     if ms is not None:
         try:

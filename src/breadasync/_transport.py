@@ -1,18 +1,27 @@
 """The one request path: every call of a client goes through :meth:`Transport.request`.
 
-It builds the URL (path segments already percent-encoded by the caller), adds the auth and
-user-override headers, waits for the client's rate and concurrency limits, sends one
-attempt with its timeouts, reads the body under a size cap, maps failures to the exceptions
-of :mod:`breadasync._errors` (aiohttp's never escape), and retries what is worth retrying.
+It builds the URL (path segments already percent-encoded by the caller) and the headers
+(auth, user override, idempotency key), waits for the :class:`~breadasync._limits.Governor`
+(retry budget, pace, concurrency), hands one attempt to the sender (any
+:class:`~breadasync._transports.AsyncBaseTransport`; aiohttp by default), maps what comes
+back to the exceptions of :mod:`breadasync._errors`, tells the governor what the answer
+says about the service, and retries what is worth retrying: after the request's own
+backoff, never sooner than the ``Retry-After`` it was given. Each attempt is logged at
+DEBUG on the ``breadasync`` logger (method, path, status, attempt, the wait before the next
+one), never with the key.
+
+Why it is long: the retry loop, the status-to-exception mapping and the key scrubbing are
+one protocol that reads best in one place; the sender, the governor and the clock live in
+their own modules.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import random
 import re
+import ssl
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -21,19 +30,20 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import anyio
 import orjson
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ._aiohttp_transport import AiohttpTransport, certificate_error
+from ._clock import Clock, SystemClock
 from ._config import Limits, RetryPolicy, Timeouts
 from ._errors import (
     APIConnectionError,
     APIError,
     APIStatusError,
     APITimeoutError,
-    BreadError,
+    CertificateError,
     ClientClosedError,
     InvalidArgumentError,
     ProtocolError,
@@ -41,8 +51,9 @@ from ._errors import (
     server_message,
     status_error_class,
 )
-from ._limits import AdaptiveConcurrency, Pause, RateLimiter
+from ._limits import Governor, Ticket, Verdict
 from ._retry import BACKPRESSURE, backoff, is_retryable_status, parse_retry_after
+from ._transports import AsyncBaseTransport, BodyTooLargeError, TransportRequest
 from ._version import __version__
 
 log = logging.getLogger("breadasync")
@@ -69,16 +80,21 @@ class ClientStats:
     """What one client has done so far (read it through :attr:`BreadClient.stats`).
 
     Attributes:
-        requests: Attempts sent (each retry counts).
+        requests: Attempts sent (each retry counts); what the service saw.
         retries: Attempts that were retries.
         responses: Answers by HTTP status.
         connection_errors: Attempts that got no usable answer.
         throttled: Answers that asked the client to slow down (429, 503).
         bytes_received: Body bytes read.
-        concurrency_limit: Requests allowed in flight now (shrinks under backpressure).
-        concurrency_cuts: How many times backpressure halved ``concurrency_limit``.
+        concurrency_limit: Requests allowed in flight now (``max_concurrency``: overload
+            lowers the pace, ``rate_limit``, instead).
+        concurrency_cuts: Kept for compatibility; always 0 now.
         max_concurrency: The configured ceiling of ``concurrency_limit``.
         in_flight: Requests in flight now.
+        rate_limit: The pace the client keeps now, requests per second (``None``: unpaced;
+            set after the service pushed back, or by ``max_requests_per_second``).
+        rate_cuts: How many times pushback lowered the pace.
+        budget_waits: Times a retry waited for the retry budget.
     """
 
     requests: int = 0
@@ -91,10 +107,21 @@ class ClientStats:
     concurrency_cuts: int = 0
     max_concurrency: int = 0
     in_flight: int = 0
+    rate_limit: float | None = None
+    rate_cuts: int = 0
+    budget_waits: int = 0
 
 
 class Transport:
-    """Sends requests for one client over one aiohttp session and connection pool."""
+    """Sends the requests of one client: retries, limits and error mapping around a sender.
+
+    Args:
+        api_key, base_url, timeouts, retry, limits: The client's configuration.
+        trust_env: Proxy settings from the environment (the default aiohttp sender only).
+        transport: The sender of single attempts (default: :class:`AiohttpTransport`).
+        clock: Where time and sleeping come from (tests pass a virtual one).
+        rng: The source of backoff jitter (tests pass a seeded one).
+    """
 
     def __init__(
         self,
@@ -105,6 +132,9 @@ class Transport:
         retry: RetryPolicy,
         limits: Limits,
         trust_env: bool = False,
+        transport: AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._key = api_key
         self._base = str(base_url)
@@ -112,18 +142,26 @@ class Transport:
         self.timeouts = timeouts
         self.retry = retry
         self.limits = limits
-        self._trust_env = trust_env
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
-        self._concurrency = AdaptiveConcurrency(limits.max_concurrency)
-        self._pause = Pause()
-        self._rate = (
-            RateLimiter(limits.max_requests_per_second) if limits.max_requests_per_second else None
+        self._sender = transport or AiohttpTransport(
+            max_connections=limits.max_concurrency, trust_env=trust_env
         )
+        self._clock: Clock = clock or SystemClock()
+        self._closed = False
+        self._governor = Governor(
+            max_concurrency=limits.max_concurrency,
+            max_rate=limits.max_requests_per_second,
+            clock=self._clock,
+        )
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "User-Agent": f"breadasync/{__version__}",
+            "Accept": "application/json",
+        }
         self._stats = ClientStats(max_concurrency=limits.max_concurrency)
-        self._client_timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
-        self._rng = random.Random()
+        self._rng = rng or random.Random()
+
+    def __repr__(self) -> str:
+        return f"Transport(base_url={self._base!r}, sender={type(self._sender).__name__})"
 
     @property
     def base_url(self) -> str:
@@ -135,9 +173,15 @@ class Transport:
         """Whether :meth:`aclose` was called."""
         return self._closed
 
+    @property
+    def governor(self) -> Governor:
+        """The client-wide limits (pace, concurrency, retry budget)."""
+        return self._governor
+
     def stats(self) -> ClientStats:
         """A snapshot of the counters."""
         s = self._stats
+        g = self._governor
         return ClientStats(
             requests=s.requests,
             retries=s.retries,
@@ -145,10 +189,13 @@ class Transport:
             connection_errors=s.connection_errors,
             throttled=s.throttled,
             bytes_received=s.bytes_received,
-            concurrency_limit=self._concurrency.limit,
-            concurrency_cuts=self._concurrency.cuts,
-            max_concurrency=self._concurrency.maximum,
-            in_flight=self._concurrency.in_flight,
+            concurrency_limit=g.concurrency.limit,
+            concurrency_cuts=g.concurrency.cuts,
+            max_concurrency=g.concurrency.maximum,
+            in_flight=g.concurrency.in_flight,
+            rate_limit=g.rate,
+            rate_cuts=g.cubic.cuts,
+            budget_waits=g.budget.waits,
         )
 
     def scrub(self, text: str) -> str:
@@ -166,46 +213,10 @@ class Transport:
         key = self._key.encode()
         return body.replace(key, b"***") if key in body else body
 
-    # --- the session --------------------------------------------------------------------
-
-    def _session_for_this_loop(self, method: str, shown: str) -> aiohttp.ClientSession:
-        if self._closed:
-            raise ClientClosedError(
-                f"{method} {shown}: the client is closed; create a new BreadClient",
-                method=method,
-                path=shown,
-            )
-        loop = asyncio.get_running_loop()
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.limits.max_concurrency, ttl_dns_cache=300, keepalive_timeout=30
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers={
-                    "Authorization": f"Bearer {self._key}",
-                    "User-Agent": f"breadasync/{__version__}",
-                    "Accept": "application/json",
-                },
-                timeout=aiohttp.ClientTimeout(total=None),
-                trust_env=self._trust_env,
-                raise_for_status=False,
-            )
-            self._loop = loop
-        elif self._loop is not loop:
-            raise BreadError(
-                "this BreadClient is bound to another event loop; create one client per loop"
-            )
-        return self._session
-
     async def aclose(self) -> None:
-        """Close the session; requests in flight fail with :class:`ClientClosedError`."""
+        """Close the sender; requests in flight fail with :class:`ClientClosedError`."""
         self._closed = True
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-    # --- one request, with retries ------------------------------------------------------
+        await self._sender.aclose()
 
     def url_for(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[URL, str]:
         """The URL for ``path`` (already encoded) and the path-with-query shown in errors."""
@@ -219,6 +230,8 @@ class Transport:
         if params:
             shown = f"{path}?{urlencode(params)}"
         return URL(self._base + shown, encoded=True), shown
+
+    # --- one request, with retries ------------------------------------------------------
 
     async def request(
         self,
@@ -235,13 +248,13 @@ class Transport:
 
         Raises:
             APIStatusError: The service answered an error status (after retries if any).
-            APIConnectionError: No usable answer (after retries).
+            APIConnectionError: No usable answer (after retries); :class:`CertificateError`
+                at once.
             ProtocolError: A redirect, or a body over the size limit.
         """
         url, shown = self.url_for(path, params)
         timeouts = timeouts or self.timeouts
-        policy = self.retry
-        headers: dict[str, str] = {}
+        headers = dict(self._headers)
         if user_id:
             headers["X-User-Id"] = user_id
         data: bytes | None = None
@@ -251,178 +264,204 @@ class Transport:
             data = b"" if json_body is None else orjson.dumps(json_body)
             if json_body is not None:
                 headers["Content-Type"] = "application/json"
-        client_timeout = self._client_timeout(timeouts)
-        deadline = math.inf if timeouts.total is None else anyio.current_time() + timeouts.total
+        clock = self._clock
+        deadline = math.inf if timeouts.total is None else clock.now() + timeouts.total
         attempt = 0
+        error: APIError | None = None
         while True:
-            await self._pause.wait()
-            if self._rate is not None:
-                await self._rate.wait()
-            slot = await self._concurrency.acquire()
-            attempt_timeout = client_timeout
-            remaining = deadline - anyio.current_time()
-            if remaining < (client_timeout.total or math.inf):
-                # No attempt may outlive the call's total timeout.
-                attempt_timeout = aiohttp.ClientTimeout(
-                    total=max(remaining, 0.001),
-                    connect=client_timeout.connect,
-                    sock_read=client_timeout.sock_read,
+            if self._closed:
+                raise ClientClosedError(
+                    f"{method} {shown}: the client is closed; create a new BreadClient",
+                    method=method,
+                    path=shown,
                 )
+            ticket = await self._admit(method, shown, attempt, deadline, error)
+            remaining = deadline - clock.now()
+            attempt_request = TransportRequest(
+                method=method,
+                url=str(url),
+                path=shown,
+                headers=headers,
+                content=data,
+                connect_timeout=timeouts.connect,
+                read_timeout=timeouts.read,
+                # No attempt may outlive the call's total timeout.
+                timeout=max(min(timeouts.request, remaining), 0.001),
+                max_body_bytes=self.limits.max_body_bytes,
+            )
+            self._stats.requests += 1
             try:
-                outcome = await self._attempt(method, url, shown, headers, data, attempt_timeout)
-            finally:
-                self._concurrency.release(slot)
+                outcome = await self._attempt(attempt_request)
+            except BaseException:
+                self._governor.finish(ticket, None)
+                raise
+            self._governor.finish(ticket, self._verdict(outcome))
             if isinstance(outcome, Response):
-                self._concurrency.succeeded()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
-                        "%s %s -> %d (%d bytes)", method, shown, outcome.status, len(outcome.body)
+                        "%s %s -> %d (attempt %d, %d bytes)",
+                        method,
+                        shown,
+                        outcome.status,
+                        attempt + 1,
+                        len(outcome.body),
                     )
                 return outcome
             error = outcome
-            retryable = False
-            retry_after: float | None = None
-            if isinstance(error, APIStatusError):
-                retry_after = error.retry_after
-                retryable = is_retryable_status(error.status, error.headers)
-                if error.status in BACKPRESSURE:
-                    self._stats.throttled += 1
-                    self._concurrency.pushed_back(slot)
-                    if retry_after is not None and retry_after <= policy.max_retry_after:
-                        # The service's "wait" is for this client, not just this request.
-                        self._pause.hold(retry_after)
-            elif isinstance(error, APIConnectionError):
-                retryable = not self._closed
-            if not retryable:
-                # A permanent answer: earlier transient failures do not make it "given up".
-                error.attempts = attempt + 1
+            wait = self._next_wait(error, attempt, deadline, timeouts)
+            if log.isEnabledFor(logging.DEBUG):
+                then = "giving up" if wait is None else f"retrying in {wait:.2f} s"
+                log.debug(
+                    "%s %s -> %s (attempt %d); %s",
+                    method,
+                    shown,
+                    _what(error),
+                    attempt + 1,
+                    then,
+                )
+            if wait is None:
                 raise error
-            if attempt >= policy.max_retries:
-                raise _gave_up(error, attempt + 1)
-            if retry_after is not None and retry_after > policy.max_retry_after:
-                raise _gave_up(
-                    error,
-                    attempt + 1,
-                    f"the service asked to wait {retry_after:.0f}"
-                    f" s, more than max_retry_after={policy.max_retry_after:.0f} s",
-                )
-            wait = backoff(policy, attempt, retry_after, self._rng)
-            if anyio.current_time() + wait > deadline:
-                raise _gave_up(
-                    error,
-                    attempt + 1,
-                    f"the next retry would pass the total timeout of {timeouts.total} s",
-                )
-            log.debug("retrying %s %s in %.2f s after: %s", method, shown, wait, error.message)
-            await anyio.sleep(wait)
+            await clock.sleep(wait)
             attempt += 1
             self._stats.retries += 1
 
-    def _client_timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
-        cached = self._client_timeouts.get(timeouts)
-        if cached is None:
-            # ``total`` bounds one whole attempt, body included: a drip-fed body resets
-            # ``sock_read`` forever.
-            cached = aiohttp.ClientTimeout(
-                total=timeouts.request, connect=timeouts.connect, sock_read=timeouts.read
-            )
-            self._client_timeouts[timeouts] = cached
-        return cached
+    async def _admit(
+        self, method: str, shown: str, attempt: int, deadline: float, error: APIError | None
+    ) -> Ticket:
+        """Wait for the governor, but not past the call's deadline."""
+        remaining = deadline - self._clock.now()
+        if remaining == math.inf:
+            return await self._governor.admit(retry=attempt > 0)
+        with anyio.move_on_after(max(remaining, 0.0)):
+            return await self._governor.admit(retry=attempt > 0)
+        why = "the client-wide pace (the service pushed back) would pass the total timeout"
+        if error is not None:
+            raise _gave_up(error, attempt, why)
+        raise APITimeoutError(f"{method} {shown}: not sent: {why}", method=method, path=shown)
 
-    async def _attempt(
-        self,
-        method: str,
-        url: URL,
-        shown: str,
-        headers: Mapping[str, str],
-        data: bytes | None,
-        timeout: aiohttp.ClientTimeout,
-    ) -> Response | APIError:
-        """One attempt: the 2xx answer, or the error it ended in (never raised for
-        retryable failures, so the caller decides)."""
-        session = self._session_for_this_loop(method, shown)
-        self._stats.requests += 1
+    def _next_wait(
+        self, error: APIError, attempt: int, deadline: float, timeouts: Timeouts
+    ) -> float | None:
+        """Seconds before the next attempt, or ``None`` to give up (``error`` is then final,
+        its ``attempts`` and message updated)."""
+        policy = self.retry
+        retry_after: float | None = None
+        if isinstance(error, APIStatusError):
+            retry_after = error.retry_after
+            retryable = is_retryable_status(error.status, error.headers)
+        elif isinstance(error, CertificateError | ClientClosedError):
+            retryable = False
+        else:
+            retryable = isinstance(error, APIConnectionError) and not self._closed
+        if not retryable:
+            # A permanent answer: earlier transient failures do not make it "given up".
+            error.attempts = attempt + 1
+            return None
+        if attempt >= policy.max_retries:
+            _gave_up(error, attempt + 1)
+            return None
+        if retry_after is not None and retry_after > policy.max_retry_after:
+            _gave_up(
+                error,
+                attempt + 1,
+                f"the service asked to wait {retry_after:.0f}"
+                f" s, more than max_retry_after={policy.max_retry_after:.0f} s",
+            )
+            return None
+        # The wait is this request's own: Retry-After is a floor for it, not for the client.
+        wait = backoff(policy, attempt, retry_after, self._rng)
+        if self._clock.now() + wait > deadline:
+            _gave_up(
+                error,
+                attempt + 1,
+                f"the next retry would pass the total timeout of {timeouts.total} s",
+            )
+            return None
+        return wait
+
+    @staticmethod
+    def _verdict(outcome: Response | APIError) -> Verdict | None:
+        """What an attempt's outcome says about the service (``None``: nothing)."""
+        if isinstance(outcome, APIStatusError):
+            if outcome.status == 429:
+                return Verdict.THROTTLED
+            if outcome.status >= 500 or outcome.status == 408:
+                return Verdict.FAILED
+            return Verdict.ACCEPTED
+        if isinstance(outcome, CertificateError | ClientClosedError):
+            return None
+        if isinstance(outcome, APIConnectionError):
+            return Verdict.FAILED
+        return Verdict.ACCEPTED
+
+    async def _attempt(self, request: TransportRequest) -> Response | APIError:
+        """One attempt: the 2xx answer, or the error it ended in (returned, not raised, so
+        the caller decides)."""
+        method, shown = request.method, request.path
         try:
-            async with session.request(
-                method, url, headers=headers, data=data, timeout=timeout, allow_redirects=False
-            ) as resp:
-                status = resp.status
-                self._stats.responses[status] += 1
-                if 300 <= status < 400:
-                    location = self.scrub(resp.headers.get("Location", "(no Location header)"))
-                    raise RedirectError(
-                        f"{method} {shown} -> {status}: the service redirected to {location}; "
-                        "redirects are not followed so the API key never leaves "
-                        f"{self._origin}. Check the base URL.",
-                        method=method,
-                        path=shown,
-                        status=status,
-                        location=location,
-                    )
-                body = await self._read_body(resp, method, shown)
-                if status >= 400:
-                    return self._status_error(method, shown, status, resp.headers, body)
-                return Response(status, resp.headers, body, method, shown)
-        except APIError:
-            raise
+            answer = await self._sender.handle_async_request(request)
+        except BodyTooLargeError as exc:
+            self._stats.responses[exc.status] += 1
+            return self._too_large(method, shown, exc.status, exc.size)
+        except APIConnectionError as exc:
+            self._stats.connection_errors += 1
+            return self._connection_error(exc)
+        except ssl.SSLCertVerificationError as exc:
+            self._stats.connection_errors += 1
+            return certificate_error(method, shown, request.url, exc)
         except TimeoutError:
             self._stats.connection_errors += 1
-            return APITimeoutError(
-                f"{method} {shown}: no complete answer within the timeout "
-                f"({_timeout_text(timeout)})",
+            return self._connection_error(
+                APITimeoutError(
+                    f"{method} {shown}: no complete answer within the timeout "
+                    f"(attempt {request.timeout} s)",
+                    method=method,
+                    path=shown,
+                )
+            )
+        except OSError as exc:
+            self._stats.connection_errors += 1
+            return self._connection_error(
+                APIConnectionError(
+                    f"{method} {shown}: {_first_line(exc)}", method=method, path=shown
+                )
+            )
+        status = answer.status
+        self._stats.responses[status] += 1
+        self._stats.bytes_received += len(answer.content)
+        headers = answer.headers
+        if not isinstance(headers, CIMultiDictProxy):
+            headers = CIMultiDictProxy(CIMultiDict(headers))
+        if 300 <= status < 400:
+            location = self.scrub(headers.get("Location", "(no Location header)"))
+            return RedirectError(
+                f"{method} {shown} -> {status}: the service redirected to {location}; "
+                "redirects are not followed so the API key never leaves "
+                f"{self._origin}. Check the base URL.",
                 method=method,
                 path=shown,
+                status=status,
+                location=location,
             )
-        except aiohttp.ClientPayloadError as exc:
-            self._stats.connection_errors += 1
-            return self._connection_error(
-                method, shown, f"the connection dropped mid-body ({_first_line(exc)})"
-            )
-        except aiohttp.ClientConnectorError as exc:
-            self._stats.connection_errors += 1
-            return self._connection_error(
-                method,
-                shown,
-                f"cannot connect to {self._origin}: "
-                f"{exc.strerror or _first_line(exc)}; is the base URL right and the service up?",
-            )
-        except aiohttp.ServerDisconnectedError:
-            self._stats.connection_errors += 1
-            return self._connection_error(method, shown, "the server closed the connection")
-        except (aiohttp.ClientError, OSError) as exc:
-            self._stats.connection_errors += 1
-            return self._connection_error(method, shown, _first_line(exc))
+        if status >= 400:
+            if status in BACKPRESSURE:
+                self._stats.throttled += 1
+            return self._status_error(method, shown, status, headers, answer.content)
+        if len(answer.content) > request.max_body_bytes:
+            return self._too_large(method, shown, status, f"{len(answer.content):,} bytes")
+        return Response(status, headers, answer.content, method, shown)
 
-    def _connection_error(self, method: str, shown: str, what: str) -> APIConnectionError:
-        if self._closed:
+    def _connection_error(self, error: APIConnectionError) -> APIConnectionError:
+        if self._closed and not isinstance(error, ClientClosedError):
             return ClientClosedError(
-                f"{method} {shown}: the client was closed while the request was in flight",
-                method=method,
-                path=shown,
+                f"{error.method} {error.path}: the client was closed while the request was "
+                "in flight",
+                method=error.method,
+                path=error.path,
             )
-        return APIConnectionError(
-            f"{method} {shown}: {self.scrub(what)}", method=method, path=shown
-        )
-
-    async def _read_body(self, resp: aiohttp.ClientResponse, method: str, shown: str) -> bytes:
-        limit = self.limits.max_body_bytes
-        length = resp.content_length
-        if length is not None and not resp.headers.get("Content-Encoding"):
-            if length > limit:
-                raise self._too_large(method, shown, resp.status, f"{length:,} bytes")
-            body = await resp.read()
-        else:
-            # No trusted length (chunked or compressed): count while reading.
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.content.iter_chunked(256 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise self._too_large(method, shown, resp.status, f"more than {limit:,} bytes")
-                chunks.append(chunk)
-            body = b"".join(chunks)
-        self._stats.bytes_received += len(body)
-        return body
+        error.message = self.scrub(error.message)
+        error.args = (error.message,)
+        return error
 
     def _too_large(self, method: str, shown: str, status: int, size: str) -> ProtocolError:
         return ProtocolError(
@@ -453,7 +492,7 @@ class Transport:
         text = f"{method} {shown} -> {status} {reason}"
         if message:
             text += f": {message}"
-        retry_after = parse_retry_after(headers)
+        retry_after = parse_retry_after(headers, now=self._clock.wall())
         return status_error_class(status)(
             text,
             method=method,
@@ -509,5 +548,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _timeout_text(timeout: aiohttp.ClientTimeout) -> str:
-    return f"connect {timeout.connect} s, read {timeout.sock_read} s, attempt {timeout.total} s"
+def _what(error: APIError) -> str:
+    """An attempt's outcome for the log: the status, or what went wrong."""
+    if isinstance(error, APIStatusError | ProtocolError):
+        return str(error.status)
+    return f"{type(error).__name__}: {error.message.split(': ', 1)[-1]}"

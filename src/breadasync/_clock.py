@@ -1,0 +1,46 @@
+"""Time for the transport layer: every wait and every reading of the time goes through a
+:class:`Clock`, so retry, backoff and pacing logic can run on virtual time in tests
+(:mod:`breadasync.testing`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import anyio
+
+
+class Clock(Protocol):
+    """What the transport needs of time.
+
+    ``now`` is the event loop's clock (monotonic seconds): deadlines and timeouts are armed on
+    it. ``wall`` is seconds since the epoch, for ``Retry-After`` HTTP dates.
+    """
+
+    def now(self) -> float:
+        """Monotonic seconds, the event loop's time."""
+        ...
+
+    def wall(self) -> float:
+        """Seconds since the epoch."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``."""
+        ...
+
+
+class SystemClock:
+    """The real clock: anyio's time and sleep, and :func:`time.time`."""
+
+    def now(self) -> float:
+        """The event loop's time."""
+        return anyio.current_time()
+
+    def wall(self) -> float:
+        """Seconds since the epoch."""
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the event loop."""
+        await anyio.sleep(seconds)
