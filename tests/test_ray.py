@@ -113,6 +113,7 @@ def test_plan_metadata_and_budget(bread_emulator: Emulator) -> None:
         max_concurrency=10,
         max_requests_per_second=30.0,
         max_tasks=3,
+        page_size=100,
     )
     assert source.rows == 9500
     assert source.row_bytes > 0
@@ -173,7 +174,8 @@ async def _export_locally(emulator: Emulator, targets: list[tuple[str, str]], de
 def test_read_equals_the_local_export_row_by_row(
     ray_cluster: None, bread_emulator: Emulator, tmp_path: Path
 ) -> None:
-    targets = _add(bread_emulator, {"a": 2500, "b": 1000, "c": 3700, "d": 7})
+    # 18 pages: two read tasks, cut inside "a", the second spanning all four targets
+    targets = _add(bread_emulator, {"a": 9500, "b": 1000, "c": 6700, "d": 7})
     asyncio.run(_export_locally(bread_emulator, targets, tmp_path / "local"))
     local = pads.dataset(tmp_path / "local", format="parquet", partitioning="hive").to_table()
 
@@ -181,14 +183,16 @@ def test_read_equals_the_local_export_row_by_row(
         targets,
         api_key=bread_emulator.api_key,
         base_url=bread_emulator.url,
-        override_num_blocks=5,  # cuts inside targets and tasks spanning targets
+        override_num_blocks=5,
     )
     assert dataset.schema().base_schema == SCHEMA
     dataset.write_parquet(str(tmp_path / "ray"))
     remote = pq.read_table(tmp_path / "ray")
 
-    assert remote.num_rows == local.num_rows == 7207
+    assert remote.num_rows == local.num_rows == 17207
     assert remote.schema.remove_metadata() == SCHEMA.remove_metadata()
+    # the same pages as the local export (cuts fall on its page boundaries), so the same
+    # bytes: even the key order of ``extra``, which depends on a page's other rows
     assert _rows(remote) == _rows(local)
 
 
@@ -221,7 +225,8 @@ def test_a_transient_failure_is_retried_by_ray_without_duplicates(
         targets,
         api_key=bread_emulator.api_key,
         base_url=bread_emulator.url,
-        max_retries=0,  # the task's client gives up at once: Ray must run the task again
+        max_retries=0,  # the task's client gives up at once: the task must read again
+        page_size=100,
         override_num_blocks=2,
     )
     # after planning: one 503 on a page of "b"

@@ -58,6 +58,16 @@ def test_never_more_tasks_than_pages() -> None:
     assert max(sum(s.rows for s in task) for task in tasks) <= 1000
 
 
+def test_tasks_get_a_minimum_of_pages() -> None:
+    targets = _targets([1000] * 100)
+    tasks = split(targets, 200, 1000, min_pages=8)
+    _check_cover(targets, tasks, 1000)
+    assert len(tasks) == 12
+    assert min(sum(s.rows for s in task) for task in tasks) >= 8000
+    (one,) = split(_targets([3000]), 200, 1000, min_pages=8)  # fewer pages: one task
+    assert one == [Segment(TargetRef("r", "t0"), 0, 3000, 3000, True)]
+
+
 def test_nothing_to_read_is_no_task() -> None:
     assert split(_targets([0, 0]), 8, 1000) == []
     targets = _targets([0, 1500, 0])

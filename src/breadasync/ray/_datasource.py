@@ -57,6 +57,10 @@ TRANSIENT_ERRORS: tuple[type[BreadError], ...] = (
 client has used up its own retries). Any other error, a 404 or a 401 say, fails the
 dataset at once."""
 
+MIN_TASK_PAGES = 8
+"""Pages a read task gets at least (when there are enough): a task costs a client, a
+connection and Ray's scheduling, worth it only over a few requests' worth of rows."""
+
 SAMPLE_ROWS = 64
 """Rows of one page read at planning to estimate the in-memory size of a row."""
 
@@ -396,6 +400,12 @@ class BreadDatasource(Datasource):
                     row_bytes = batch.nbytes / batch.num_rows + names + 8  # + two offsets
         return targets, row_bytes
 
+    @property
+    def most_tasks(self) -> int:
+        """The most read tasks the plan can give, whatever parallelism Ray asks for."""
+        pages = sum(-(-t.lines // self.page_size) for t in self.targets)
+        return max(1, pages // MIN_TASK_PAGES)
+
     def estimate_inmemory_data_size(self) -> int:
         """Bytes the rows will take in memory (planned rows x sampled row size)."""
         return int(self.rows * self.row_bytes)
@@ -412,7 +422,7 @@ class BreadDatasource(Datasource):
     ) -> list[ReadTask]:
         """Balanced read tasks over all targets' rows (see :func:`._planner.split`), each
         with a client holding its share of the budget."""
-        tasks = split(self.targets, parallelism, self.page_size)
+        tasks = split(self.targets, parallelism, self.page_size, MIN_TASK_PAGES)
         if not tasks:
             return []
         running = min(self.max_tasks, len(tasks))

@@ -33,21 +33,24 @@ class Segment:
         return self.stop - self.start
 
 
-def split(targets: Sequence[TargetRows], parallelism: int, page_size: int) -> list[list[Segment]]:
+def split(
+    targets: Sequence[TargetRows], parallelism: int, page_size: int, min_pages: int = 1
+) -> list[list[Segment]]:
     """Cut all targets' rows, in order, into at most ``parallelism`` tasks of nearly equal
-    rows.
+    rows, each of ``min_pages`` pages or more where there are enough (a task costs a
+    client and a connection, so tiny tasks are mostly overhead).
 
     Task ``k`` ends at the page boundary nearest to ``(k+1)/n`` of all rows, so every task
     is within one page of the mean whether the rows come from thousands of small targets or
     one huge one; a cut inside a target falls on a page boundary, so no page is split and a
     task asks for exactly the pages a local export would. There are never more tasks than
-    pages. Empty targets give no segment.
+    pages (over ``min_pages``). Empty targets give no segment.
     """
     total = sum(t.lines for t in targets)
     pages = sum(-(-t.lines // page_size) for t in targets)
     if total == 0:
         return []
-    n = max(1, min(parallelism, pages))
+    n = max(1, min(parallelism, pages // max(1, min_pages)))
     tasks: list[list[Segment]] = [[] for _ in range(n)]
     k = 0
     base = 0  # rows of the targets before this one

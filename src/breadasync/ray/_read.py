@@ -79,9 +79,11 @@ def read_rollouts(
         user_id=user_id,
         allow_insecure_http=allow_insecure_http,
     )
+    # Ray warns when allowed more tasks at once than it gets
+    at_once = min(datasource.max_tasks, datasource.most_tasks, override_num_blocks or 1 << 30)
     dataset: ray.data.Dataset = ray.data.read_datasource(
         datasource,
-        concurrency=datasource.max_tasks,
+        concurrency=at_once,
         override_num_blocks=override_num_blocks,
     )
     return dataset
