@@ -316,3 +316,19 @@ def test_a_retried_read_skips_the_rows_already_yielded() -> None:
     )
     assert _skip(segments, 2100) == (Segment(b, 100, 500, 500, True),)
     assert _skip(segments, 2500) == ()
+
+
+def test_the_readme_example(ray_cluster: None, tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "read_rollouts(" in b
+    ]
+    assert "ray.init(num_cpus=2)" in code
+    code = code.replace("ray.init(num_cpus=2)", "pass  # the session's cluster")
+    code = code.replace('"rollouts-parquet"', repr(str(tmp_path / "rollouts-parquet")))
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # noqa: S102 (the README's own example)
+    assert namespace["ds"].count() == 60_000
+    assert pq.read_table(tmp_path / "rollouts-parquet").num_rows == 60_000
