@@ -332,3 +332,11 @@ def test_the_readme_example(ray_cluster: None, tmp_path: Path) -> None:
     exec(code, namespace)  # noqa: S102 (the README's own example)
     assert namespace["ds"].count() == 60_000
     assert pq.read_table(tmp_path / "rollouts-parquet").num_rows == 60_000
+
+
+@pytest.mark.bread_emulator(speed=0)
+async def test_planning_works_under_a_running_event_loop(bread_emulator: Emulator) -> None:
+    # a notebook's loop: planning then runs on a loop of its own, in a thread
+    targets = _add(bread_emulator, {"a": 1200})
+    source = BreadDatasource(targets, api_key=bread_emulator.api_key, base_url=bread_emulator.url)
+    assert source.rows == 1200
