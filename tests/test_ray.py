@@ -295,6 +295,9 @@ def test_targets_take_the_forms_of_rollout_many() -> None:
         read_rollouts(["t"], api_key="k", base_url="http://127.0.0.1:9")  # no repo_name
     with pytest.raises(InvalidArgumentError):
         read_rollouts("t", repo_name="r", api_key="k", base_url="http://127.0.0.1:9")
+    for bad in ({"max_concurrency": 0}, {"max_requests_per_second": 0.0}, {"page_size": 1001}):
+        with pytest.raises(InvalidArgumentError):
+            read_rollouts(["t"], repo_name="r", api_key="k", base_url="http://127.0.0.1:9", **bad)
     assert TargetRef("r", "t")  # a TargetRef is accepted as such (covered above)
 
 

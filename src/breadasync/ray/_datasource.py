@@ -24,6 +24,7 @@ from breadasync._errors import (
     APIConnectionError,
     BreadError,
     InternalServerError,
+    InvalidArgumentError,
     RateLimitError,
     first_error,
 )
@@ -331,7 +332,9 @@ class BreadDatasource(Datasource):
         if max_tasks is not None:
             check_int(max_tasks, "max_tasks", 1)
         if max_requests_per_second is not None and not max_requests_per_second > 0:
-            raise BreadError(f"max_requests_per_second must be > 0, got {max_requests_per_second}")
+            raise InvalidArgumentError(
+                f"max_requests_per_second must be > 0, got {max_requests_per_second!r}"
+            )
         key = resolve_api_key(api_key)
         url = str(resolve_base_url(base_url, allow_insecure_http=allow_insecure_http))
         self.max_concurrency = max_concurrency
