@@ -132,6 +132,12 @@ class BreadClient:
         """Targets, and through them their stim and rollout jobs."""
 
     @property
+    def api(self) -> Api:
+        """The layer below this facade (requests, user override, raw pages): for engines
+        built on one client, such as the exporter and :mod:`breadasync.ray`."""
+        return self._api
+
+    @property
     def user_id(self) -> str | None:
         """The user every request acts for by default (``X-User-Id``), if any."""
         return self._api.user_id

@@ -48,6 +48,19 @@ if TYPE_CHECKING:
 class BreadError(Exception):
     """Base of every exception breadasync raises on purpose."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The subclasses take keyword-only arguments, which Exception's own pickling cannot
+        # pass: rebuild from the message and the attributes instead, so an error crosses a
+        # process boundary (a Ray task, multiprocessing) as itself.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[BreadError], args: tuple[Any, ...], state: dict[str, Any]) -> BreadError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(BreadError, ValueError):
     """The client cannot be configured as asked: no API key, a bad base URL, a bad limit.
