@@ -6,7 +6,6 @@ over by adding ``await``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -65,6 +64,7 @@ from ._validation import (
     repo_path,
     target_path,
 )
+from .export._dest import DestinationLike
 from .export._exporter import (
     BatchStream,
     Compression,
@@ -76,7 +76,6 @@ from .export._exporter import (
     check_target,
     export_many,
 )
-from .export._store import LocalDestination
 
 ExportProgressCallback = Callable[[ExportProgress], Any]
 
@@ -333,7 +332,7 @@ class BreadClient:
         target_name: str,
         *,
         repo_name: str,
-        dest: str | os.PathLike[str] | LocalDestination,
+        dest: DestinationLike,
         page_size: int = 1000,
         concurrency: int = 16,
         rows_per_part: int = 100_000,
@@ -344,7 +343,7 @@ class BreadClient:
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ExportProgressCallback | None = None,
     ) -> ExportResult:
-        """Export a rollout's output to Parquet files in the folder ``dest``.
+        """Export a rollout's output to Parquet files in the folder or prefix ``dest``.
 
         Pages are fetched in parallel (``concurrency``), at most ``window`` ahead of the
         writer, converted to Arrow off the event loop and written as parts of
@@ -360,14 +359,20 @@ class BreadClient:
             allow_partial: Export what a running or failed job has so far.
             on_progress: Called with an :class:`~breadasync.export.ExportProgress` as pages
                 are written.
-            dest: A folder path, or a :class:`~breadasync.export.LocalDestination` (the
-                storage seam).
+            dest: A folder path; a URI (``s3://bucket/prefix``, ``gs://``, ``abfs://``,
+                ``file://``; pyarrow's URI options such as ``?endpoint_override=``); a
+                ``(pyarrow.fs.FileSystem, path)`` or ``(fsspec filesystem, path)`` pair; or a
+                :class:`~breadasync.export.Destination`. Credentials come from each
+                store's standard chain.
 
         Raises:
             UnfinishedJobError: The job is not complete and ``allow_partial`` is false.
             ExportMismatchError: ``dest`` holds another export; nothing was changed.
             ExportLockedError: Another exporter is writing to ``dest``.
-            DestinationError: ``dest`` is a file, not writable, or the disk is full.
+            DestinationError: ``dest`` is a file, not writable, the disk is full, or the
+                store refuses the credentials.
+            InvalidArgumentError: ``dest`` has an unknown or unsupported scheme (raised
+                before any request).
             DataIntegrityError: The pages do not add up to ``lines`` rows.
             APIError: A request failed after its retries (e.g. :class:`NotFoundError`).
         """
@@ -375,15 +380,13 @@ class BreadClient:
         options = ExportOptions(
             page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
         )
-        if not isinstance(dest, LocalDestination):
-            dest = os.fspath(dest)
         return await Exporter(self, options, user_id, on_progress=on_progress).export(target, dest)
 
     async def export_many(
         self,
         targets: Iterable[TargetLike],
         *,
-        dest: str | os.PathLike[str],
+        dest: DestinationLike,
         repo_name: str | None = None,
         target_concurrency: int = 4,
         page_size: int = 1000,
@@ -412,7 +415,7 @@ class BreadClient:
             Exporter(self, options, user_id, on_progress=on_progress),
             targets,
             repo_name,
-            os.fspath(dest),
+            dest,
             target_concurrency,
         )
 

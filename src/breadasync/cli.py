@@ -184,7 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TARGET",
         help="a target to export (repeat for more)",
     )
-    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="the folder or object-store prefix to write: a path, file://..., "
+        "s3://bucket/prefix, gs://bucket/prefix or abfs://container/prefix (credentials from "
+        "the store's usual environment; pyarrow URI options such as ?endpoint_override=)",
+    )
     export.add_argument(
         "--concurrency", type=_int_within(1, 256), default=16, help="pages in flight (default 16)"
     )
@@ -704,7 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     if getattr(args, "out", None) is not None:
-        args.out_abs = os.path.abspath(args.out)  # before the event loop: it asks the OS
+        # Before the event loop (it asks the OS); a URI (s3://...) is shown as given.
+        args.out_abs = args.out if "://" in args.out else os.path.abspath(args.out)
     ui = Ui(args)
     if args.verbose:
         logging.basicConfig(
