@@ -41,7 +41,7 @@ from breadasync import (
 )
 from breadasync.cli import main as cli_main
 from breadasync.emulator import Emulator, Faults
-from breadasync.export import FsDestination, batch_to_rows
+from breadasync.export import FsDestination, batch_to_rows, resolve_destination
 from tests.conftest import _open_files, wait_until
 
 moto_server = pytest.importorskip("moto.server")
@@ -396,6 +396,14 @@ async def test_bad_destinations_fail_before_any_request(
     with pytest.raises(InvalidArgumentError, match=message):
         await exporter.export_many(["t"], repo_name="r", dest=dest)
     assert bread_emulator.stats.records() == []
+
+
+@pytest.mark.usefixtures("s3_server", "s3_env")
+def test_uri_options_are_not_shown() -> None:
+    store = resolve_destination("s3://bucket/p?endpoint_override=127.0.0.1:1&scheme=http")
+    assert store.display == "s3://bucket/p"
+    assert store.uri("_manifest.json") == "s3://bucket/p/_manifest.json"
+    assert "endpoint" not in repr(store)
 
 
 @frozen
