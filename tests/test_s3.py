@@ -22,6 +22,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -701,3 +702,25 @@ async def test_an_fsspec_filesystem_pair(exporter: BreadClient, bread_emulator: 
     finally:
         with contextlib.suppress(FileNotFoundError):
             memory.rm(root, recursive=True)
+
+
+@frozen
+async def test_the_readme_s3_example(
+    bread_emulator: Emulator, bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Writing to S3/GCS/Azure", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("s3://my-bucket/bread/coding", bucket.uri("bread/coding"))
+    bread_emulator.add_target("my_repo", "coding_target", rows=30, rollout="complete")
+    monkeypatch.setenv("BREAD_API_KEY", bread_emulator.api_key)
+    monkeypatch.setenv("BREAD_BASE_URL", bread_emulator.url or "")
+    namespace: dict[str, Any] = {}
+    body = "from breadasync import BreadClient\n" + code
+    source = f"async def _example():\n{textwrap.indent(body, '    ')}\n    return locals()"
+    exec(source, namespace)  # noqa: S102 (the README's own example)
+    found = await namespace["_example"]()
+    assert found["result"].files[0] == f"s3://{bucket.name}/bread/coding/part-00000.parquet"
+    assert bucket.read_rows("bread/coding") == bread_emulator.trajectories(
+        "my_repo", "coding_target"
+    )
