@@ -149,3 +149,18 @@ async def test_a_damaged_manifest_at_a_dataset_root_is_not_taken_for_a_dataset(
     with pytest.raises(ExportMismatchError, match="holds the export of a single target"):
         await exporter.export_many(["t"], repo_name="r", dest=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_manifest.json"]
+
+
+@frozen
+async def test_resume_false_never_replaces_another_targets_export_with_a_damaged_manifest(
+    exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    bread_emulator.add_target("r", "a", rows=1500, rollout="complete")
+    bread_emulator.add_target("r", "b", rows=10, rollout="complete")
+    await exporter.export_rollout("a", repo_name="r", dest=tmp_path, rows_per_part=1000)
+    (tmp_path / "_manifest.json").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
+    with pytest.raises(ExportMismatchError, match="already holds an export"):
+        await exporter.export_rollout("b", repo_name="r", dest=tmp_path, resume=False)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
+    assert after == before

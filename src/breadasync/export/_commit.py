@@ -193,8 +193,17 @@ def reconcile(
         records = manifest.get("parts") or []
     elif journal:
         found, records = journal[0], journal[1:]
-    elif store.part_names() and not damaged:
+    elif store.part_names():
         found = {}
+        if damaged:
+            # No manifest to go by: the parts' footers say whose they are, so a damaged
+            # manifest never lets resume=False replace another target's export.
+            footer = store.part_identity(min(store.part_names()))
+            if footer is not None and (footer.get("repo"), footer.get("target")) == (
+                wanted.get("repo"),
+                wanted.get("target"),
+            ):
+                found = None
     is_same = found is not None and same(found, wanted)
     if found is not None and not is_same:
         same_target = (found.get("repo"), found.get("target")) == (

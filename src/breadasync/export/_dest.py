@@ -117,6 +117,9 @@ class Destination(Protocol):
     def verify_part(self, record: PartRecord) -> str | None:
         """Why the stored part does not match ``record``, or ``None``."""
 
+    def part_identity(self, name: str) -> dict[str, Any] | None:
+        """The export identity in part ``name``'s footer, or ``None`` if unreadable."""
+
 
 DestinationLike: TypeAlias = "str | os.PathLike[str] | Destination | tuple[Any, str]"
 """What ``dest=`` accepts: a path, a URI, a destination, or a ``(filesystem, path)``

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from breadasync._errors import DestinationError, ExportLockedError
 
-from ._store import JOURNAL, PartRecord, parse_document, parse_journal
+from ._store import JOURNAL, PartRecord, footer_identity, parse_document, parse_journal
 
 LEASE = "_lease.json"
 OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
@@ -90,7 +90,10 @@ class StorePart:
         """Upload and hash ``data``."""
         self._hash.update(data)
         self.size += len(data)
-        self._stream.write(data)
+        try:
+            self._stream.write(data)
+        except (OSError, ValueError) as exc:
+            raise describe_store_error(exc, "write", self.final) from exc
         return len(data)
 
     def tell(self) -> int:
@@ -445,6 +448,14 @@ class FsDestination:
         if digest.hexdigest() != record.sha256:
             return "its checksum differs"
         return None
+
+    def part_identity(self, name: str) -> dict[str, Any] | None:
+        """The export identity in part ``name``'s footer, or ``None`` if unreadable."""
+        try:
+            with self.fs.open_input_file(self._key(name)) as file:
+                return footer_identity(file)
+        except (OSError, ValueError):
+            return None
 
 
 def _process_alive(pid: int) -> bool:

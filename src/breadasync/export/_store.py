@@ -33,6 +33,16 @@ LOCK = ".lock"
 PART_GLOB = "part-*.parquet"
 
 
+def footer_identity(source: Any) -> dict[str, Any] | None:
+    """The export identity a part's footer records (``breadasync.export``), or ``None``."""
+    try:
+        meta = pq.read_schema(source).metadata or {}
+        found = orjson.loads(meta[b"breadasync.export"])
+    except Exception:
+        return None  # not a part of ours, or unreadable: no identity to go by
+    return found if isinstance(found, dict) else None
+
+
 class DamagedDocumentError(Exception):
     """A bookkeeping document (manifest, journal) exists but cannot be read: empty, cut
     short or not JSON. Internal: the resume protocol turns it into a clear export error."""
@@ -324,6 +334,10 @@ class LocalDestination:
         if digest.hexdigest() != record.sha256:
             return "its checksum differs"
         return None
+
+    def part_identity(self, name: str) -> dict[str, Any] | None:
+        """The export identity in part ``name``'s footer, or ``None`` if unreadable."""
+        return footer_identity(self.path / name)
 
     def _write_atomic(self, name: str, data: bytes) -> None:
         # A temporary file, synced, then renamed over ``name``: readers see the old
