@@ -8,7 +8,6 @@ the official SDK's, so code moves over by adding ``await``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -37,6 +36,7 @@ from ._validation import check_user_id
 
 if TYPE_CHECKING:
     # Only for annotations: the exporter (and pyarrow) load when an export is first asked.
+    from .export._dest import DestinationLike
     from .export._exporter import (
         BatchStream,
         Compression,
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
         ExportResult,
         ExportResults,
     )
-    from .export._store import LocalDestination
 
 __all__ = ["BreadClient", "Rollout", "Stim", "Targets"]
 
@@ -330,7 +329,7 @@ class BreadClient:
         target_name: str,
         *,
         repo_name: str,
-        dest: str | os.PathLike[str] | LocalDestination,
+        dest: DestinationLike,
         page_size: int = 1000,
         concurrency: int = 16,
         rows_per_part: int = 10_000,
@@ -341,7 +340,7 @@ class BreadClient:
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ProgressCallback[ExportProgress] | None = None,
     ) -> ExportResult:
-        """Export a rollout's output to Parquet files in the folder ``dest``.
+        """Export a rollout's output to Parquet files in the folder or prefix ``dest``.
 
         Pages are fetched in parallel (``concurrency``), at most ``window`` ahead of the
         writer, converted to Arrow off the event loop and written as parts of
@@ -357,26 +356,29 @@ class BreadClient:
             allow_partial: Export what a running or failed job has so far.
             on_progress: Called with an :class:`~breadasync.export.ExportProgress` as pages
                 are written.
-            dest: A folder path, or a :class:`~breadasync.export.LocalDestination` (the
-                storage seam).
+            dest: A folder path; a URI (``s3://bucket/prefix``, ``gs://``, ``abfs://``,
+                ``file://``; pyarrow's URI options such as ``?endpoint_override=``); a
+                ``(pyarrow.fs.FileSystem, path)`` or ``(fsspec filesystem, path)`` pair; or a
+                :class:`~breadasync.export.Destination`. Credentials come from each
+                store's standard chain.
 
         Raises:
             UnfinishedJobError: The job is not complete and ``allow_partial`` is false.
             ExportMismatchError: ``dest`` holds another export; nothing was changed.
             ExportLockedError: Another exporter is writing to ``dest``.
-            DestinationError: ``dest`` is a file, not writable, or the disk is full.
+            DestinationError: ``dest`` is a file, not writable, the disk is full, or the
+                store refuses the credentials.
+            InvalidArgumentError: ``dest`` has an unknown or unsupported scheme (raised
+                before any request).
             DataIntegrityError: The pages do not add up to ``lines`` rows.
             APIError: A request failed after its retries (e.g. :class:`NotFoundError`).
         """
         from .export._exporter import Exporter, ExportOptions
-        from .export._store import LocalDestination
 
         target = TargetRef.of(target_name, repo_name)
         options = ExportOptions(
             page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
         )
-        if not isinstance(dest, LocalDestination):
-            dest = os.fspath(dest)
         exporter = Exporter(self._api, options, user_id, on_progress=on_progress)
         return await exporter.export(target, dest)
 
@@ -384,7 +386,7 @@ class BreadClient:
         self,
         targets: Iterable[TargetLike],
         *,
-        dest: str | os.PathLike[str],
+        dest: DestinationLike,
         repo_name: str | None = None,
         target_concurrency: int = 4,
         page_size: int = 1000,
@@ -415,7 +417,7 @@ class BreadClient:
             Exporter(self._api, options, user_id, on_progress=on_progress),
             targets,
             repo_name,
-            os.fspath(dest),
+            dest,
             target_concurrency,
         )
 

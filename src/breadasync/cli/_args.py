@@ -292,7 +292,13 @@ def _export_parser(commands: Any, chosen: Parser) -> Parser:
         metavar="TARGET",
         help="a target to export (repeatable; the same as a positional TARGET)",
     )
-    out = export.add_argument("--out", required=True, help="the folder to write")
+    out = export.add_argument(
+        "--out",
+        required=True,
+        help="the folder or object-store prefix to write: a path, file://..., "
+        "s3://bucket/prefix, gs://bucket/prefix or abfs://container/prefix (credentials from "
+        "the store's usual environment; pyarrow URI options such as ?endpoint_override=)",
+    )
     out.complete = _FOLDERS  # type: ignore[attr-defined]
     export.add_argument(
         "--concurrency", type=_int_within(1, 256), default=16, help="pages in flight (default 16)"

@@ -3,12 +3,15 @@
 Use it through the client (``client.export_rollout``, ``client.export_many``,
 ``client.iter_rollout_batches``); this package holds the pieces: the schema and its
 lossless row conversion, the page decoder and its limits, the export plan, the range reader
-and the destination seam.
+and the destination seam
+(:class:`Destination`, with a local folder and a ``pyarrow.fs`` implementation).
 """
 
 from ._decode import DEFAULT_LIMITS, DecodeLimits
 from ._decode_process import DecodeProcesses
+from ._dest import Destination, DestinationLike, resolve_destination
 from ._exporter import ExportOptions, ExportProgress, ExportResult, ExportResults, hive_segment
+from ._objstore import FsDestination
 from ._plan import ExportPlan, Part
 from ._schema import SCHEMA, SCHEMA_VERSION, batch_to_rows, rows_to_batch
 from ._store import LocalDestination, PartRecord
@@ -19,15 +22,19 @@ __all__ = [
     "SCHEMA_VERSION",
     "DecodeLimits",
     "DecodeProcesses",
+    "Destination",
+    "DestinationLike",
     "ExportOptions",
     "ExportPlan",
     "ExportProgress",
     "ExportResult",
     "ExportResults",
+    "FsDestination",
     "LocalDestination",
     "Part",
     "PartRecord",
     "batch_to_rows",
     "hive_segment",
+    "resolve_destination",
     "rows_to_batch",
 ]

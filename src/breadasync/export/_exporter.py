@@ -9,28 +9,23 @@ another export is never touched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import quote
 
 import anyio
-import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from breadasync._errors import (
     BreadError,
     DataIntegrityError,
-    ExportMismatchError,
     InvalidArgumentError,
     UnfinishedJobError,
     first_error,
@@ -47,10 +42,12 @@ from breadasync._results import Results
 from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name, target_path
 from breadasync._version import __version__
 
-from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part, describe_job
+from ._commit import PartWriter, commit, reconcile, refuse_single_export
+from ._dest import Destination, DestinationLike, resolve_destination
+from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part
 from ._reader import Page, RangeReader
 from ._schema import SCHEMA, SCHEMA_VERSION
-from ._store import JOURNAL, MANIFEST, LocalDestination, PartFile, PartRecord, describe_os_error
+from ._store import MANIFEST, PartRecord, describe_os_error
 from ._threads import run_to_end
 
 if TYPE_CHECKING:
@@ -62,9 +59,6 @@ FORMAT = "breadasync-export"
 DECODE_THREADS = 2
 """Threads decoding pages. Arrow's JSON parser releases the GIL, so two keep two cores busy;
 more only add contention with the event loop (measured in benchmarks/RESULTS.md)."""
-ROW_GROUP_ROWS = 16_384
-"""Rows buffered before a row group is written: big enough for readers, small enough to
-keep memory flat."""
 ROWS_PER_PART = 10_000
 """Default rows per part file. A part is the unit a killed export keeps: what a kill can
 lose is the part being written plus the pages fetched ahead of it (``rows_per_part +
@@ -117,7 +111,7 @@ class ExportResult:
 
     Attributes:
         target: The target exported.
-        dest: Its folder.
+        dest: Its folder, or its prefix's URI (without URI options).
         rows: Rows in the export (equal to ``lines``).
         lines: The job's lines when the export began.
         status: The job's status then.
@@ -154,8 +148,8 @@ class ExportResult:
 
     @property
     def manifest(self) -> str:
-        """The manifest's path (the export's commit point)."""
-        return str(Path(self.dest) / MANIFEST)
+        """The manifest's path or URI (the export's commit point)."""
+        return f"{self.dest.rstrip('/')}/{MANIFEST}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,20 +209,6 @@ def _identity(plan: ExportPlan) -> dict[str, Any]:
     }
 
 
-def _same(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return all(found.get(key) == value for key, value in wanted.items())
-
-
-def _describe(found: dict[str, Any]) -> str:
-    return (
-        f"{found.get('repo')}/{found.get('target')} with {found.get('lines', '?'):,} lines "
-        f"in parts of {found.get('rows_per_part', '?'):,} rows "
-        f"({describe_job(found.get('job'))})"
-        if isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)
-        else "something else"
-    )
-
-
 def _job_changed(plan: ExportPlan, job: JobStatus, now: JobIdentity, dest: str) -> BreadError:
     was = plan.job.describe() if plan.job is not None else "a job of unknown identity"
     lines = f"{job.lines:,}" if job.lines is not None else "no"
@@ -265,79 +245,6 @@ def _reraise(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     ):
         raise cancelled or asyncio.CancelledError()
     raise first_error(group) from None
-
-
-class _PartWriter:
-    """Writes one part (blocking calls, made from a worker thread)."""
-
-    def __init__(
-        self, store: LocalDestination, plan: ExportPlan, part: Part, compression: Compression
-    ) -> None:
-        self.part = part
-        self.rows = 0
-        self._store = store
-        self._file: PartFile = store.open_part(part.name)
-        meta = {
-            b"breadasync.export": orjson.dumps(
-                {**_identity(plan), "start": part.start, "stop": part.stop}
-            ),
-        }
-        try:
-            self._writer = pq.ParquetWriter(
-                self._file,
-                SCHEMA.with_metadata({**(SCHEMA.metadata or {}), **meta}),
-                compression=None if compression == "none" else compression,
-            )
-        except BaseException:
-            store.discard_part(self._file)
-            raise
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
-        self.committed = False
-
-    def add(self, batches: list[pa.RecordBatch]) -> None:
-        for batch in batches:
-            self._pending.append(batch)
-            self._pending_rows += batch.num_rows
-        if self._pending_rows >= ROW_GROUP_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._pending:
-            table = pa.Table.from_batches(self._pending, SCHEMA)
-            self._writer.write_table(table, row_group_size=table.num_rows)
-            self.rows += self._pending_rows
-            self._pending, self._pending_rows = [], 0
-
-    @property
-    def done(self) -> bool:
-        return self.rows + self._pending_rows >= self.part.rows
-
-    def commit(self) -> PartRecord:
-        self.flush()
-        if self.rows != self.part.rows:
-            raise DataIntegrityError(
-                f"part {self.part.name} got {self.rows:,} rows instead of {self.part.rows:,}"
-            )
-        self._writer.close()
-        self._store.commit_part(self._file)
-        self.committed = True
-        # Arrow's allocator keeps freed blocks for reuse; hand them back between parts so a
-        # long export's footprint stays flat.
-        pa.default_memory_pool().release_unused()
-        return PartRecord(
-            self.part.name,
-            self.part.start,
-            self.part.stop,
-            self.rows,
-            self._file.size,
-            self._file.digest(),
-        )
-
-    def discard(self) -> None:
-        with contextlib.suppress(Exception):  # the part is abandoned anyway
-            self._writer.close()
-        self._store.discard_part(self._file)
 
 
 class _Progress:
@@ -496,12 +403,14 @@ class Exporter:
             user_id=self._user_id,
         )
 
-    async def export(self, target: TargetRef, dest: str | Path | LocalDestination) -> ExportResult:
-        """Export one target into ``dest``."""
+    async def export(self, target: TargetRef, dest: DestinationLike) -> ExportResult:
+        """Export one target into ``dest`` (a path, a URI, a (filesystem, path) pair or a
+        :class:`Destination`)."""
         started = time.monotonic()
         retries0 = self._client.stats.retries
-        store = dest if isinstance(dest, LocalDestination) else LocalDestination(dest)
-        shown = str(store.path)
+        # Before any request: an unknown scheme or a malformed URI fails here.
+        store = await _thread(resolve_destination, dest)
+        shown = store.display
         plan, job = await self.plan(target, shown)
         await _thread(store.prepare)
         lock = store.locked()
@@ -554,7 +463,7 @@ class Exporter:
             partial=plan.status != JobState.COMPLETE,
             pages=reader.requests,
             bytes=sum(r.bytes for r in records),
-            files=[str(store.path / r.name) for r in records],
+            files=[store.uri(r.name) for r in records],
             parts_written=len(written),
             parts_reused=len(reused),
             elapsed=time.monotonic() - started,
@@ -562,78 +471,21 @@ class Exporter:
         )
 
     def _reconcile(
-        self, store: LocalDestination, plan: ExportPlan
+        self, store: Destination, plan: ExportPlan
     ) -> tuple[list[PartRecord], list[Part], bool]:
-        """Decide which parts on disk to keep and which to fetch; start (or continue) the
-        journal. The flag says the folder already holds this export, whole and committed."""
-        if any(store.path.glob("repo=*")):
-            raise ExportMismatchError(
-                f"{str(store.path)!r} holds a dataset of several targets (repo=... folders); "
-                "export one target into a folder of its own, or use export_many on this one",
-                dest=str(store.path),
-            )
-        wanted = _identity(plan)
-        manifest = store.read_json(MANIFEST)
-        journal = store.read_journal()
-        found: dict[str, Any] | None = None
-        records: list[dict[str, Any]] = []
-        if isinstance(manifest, dict):
-            found = manifest.get("identity") if isinstance(manifest.get("identity"), dict) else {}
-            records = manifest.get("parts") or []
-        elif journal:
-            found, records = journal[0], journal[1:]
-        elif store.part_names():
-            found = {}
-        resume = self._options.resume
-        same = found is not None and _same(found, wanted)
-        if found is not None and not same:
-            same_target = (found.get("repo"), found.get("target")) == (
-                plan.target.repo_name,
-                plan.target.target_name,
-            )
-            if not (same_target and not resume):
-                raise ExportMismatchError(
-                    f"{str(store.path)!r} already holds an export of {_describe(found)}, not "
-                    f"of {plan.target} with {plan.lines:,} lines in parts of "
-                    f"{plan.rows_per_part:,} rows; it was left untouched. Choose another "
-                    "folder" + (", or pass resume=False to replace it" if same_target else ""),
-                    dest=str(store.path),
-                )
-        store.remove_stale()
-        parts = plan.parts
-        keep: list[PartRecord] = []
-        if resume and same:
-            by_name = {p.name: p for p in parts}
-            for entry in records:
-                try:
-                    record = PartRecord(**entry)
-                except TypeError:
-                    continue
-                part = by_name.get(record.name)
-                if part is None or (record.start, record.stop) != (part.start, part.stop):
-                    continue
-                if store.verify_part(record) is None:
-                    keep.append(record)
-        kept = {r.name for r in keep}
-        todo = [p for p in parts if p.name not in kept]
-        if not todo and same and isinstance(manifest, dict):
-            if journal:
-                store.remove(JOURNAL)  # left by a run that died right after its manifest
-            return keep, todo, True  # a whole, verified export: leave its parts as they are
-        # The journal first (atomically), then the manifest goes: a crash in between
-        # leaves one of them vouching for the parts, never neither. The manifest vouches
-        # for a whole export, so it must not stand beside a part being rewritten.
-        store.reset_journal({**wanted, "started": datetime.now(UTC).isoformat()})
-        for record in keep:
-            store.append_journal(record.to_dict())
-        store.remove(MANIFEST)
-        for name in store.part_names() - kept - {p.name for p in parts}:
-            store.remove(name)  # parts of an earlier, replaced layout
-        return keep, todo, False
+        """Decide which stored parts to keep and which to fetch (see ``_commit.reconcile``).
+        The flag says the destination already holds this export, whole and committed."""
+        return reconcile(
+            store,
+            plan.parts,
+            _identity(plan),
+            resume=self._options.resume,
+            what=f"{plan.target} with {plan.lines:,} lines in parts of {plan.rows_per_part:,} rows",
+        )
 
     async def _write_parts(
         self,
-        store: LocalDestination,
+        store: Destination,
         plan: ExportPlan,
         parts: list[Part],
         reader: RangeReader,
@@ -649,20 +501,20 @@ class Exporter:
 
     async def _consume(
         self,
-        store: LocalDestination,
+        store: Destination,
         plan: ExportPlan,
         parts: dict[int, Part],
         receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]],
         written: list[PartRecord],
         progress: _Progress,
     ) -> None:
-        writer: _PartWriter | None = None
-        opened: list[_PartWriter] = []
+        writer: PartWriter | None = None
+        opened: list[PartWriter] = []
 
-        def open_part(part: Part) -> _PartWriter:
+        def open_part(part: Part) -> PartWriter:
             # Registered from the worker thread itself, so a cancel that lands while the
             # part is being opened still finds it to clean up.
-            new = _PartWriter(store, plan, part, self._options.compression)
+            new = PartWriter(store, _identity(plan), part, self._options.compression)
             opened.append(new)
             return new
 
@@ -683,7 +535,7 @@ class Exporter:
                             written.append(record)
                             writer = None
                     except OSError as exc:
-                        raise describe_os_error(exc, "write", store.path / part.name) from exc
+                        raise describe_os_error(exc, "write", store.uri(part.name)) from exc
         finally:
             unfinished = [w for w in opened if not w.committed]
             if unfinished:
@@ -693,7 +545,7 @@ class Exporter:
 
     def _commit(
         self,
-        store: LocalDestination,
+        store: Destination,
         plan: ExportPlan,
         job: JobStatus,
         records: list[PartRecord],
@@ -728,47 +580,35 @@ class Exporter:
             "elapsed_s": round(time.monotonic() - started, 3),
             "breadasync": __version__,
         }
-        store.write_json(MANIFEST, manifest)
-        store.remove(JOURNAL)
-
-
-def _refuse_single_export(root: LocalDestination) -> None:
-    if root.read_json(MANIFEST) is not None or root.read_journal() or root.part_names():
-        raise ExportMismatchError(
-            f"{str(root.path)!r} holds the export of a single target; a dataset of several "
-            "targets (repo=R/target=T/ folders) needs a folder of its own",
-            dest=str(root.path),
-        )
+        commit(store, manifest)
 
 
 async def export_many(
     exporter: Exporter,
     targets: Iterable[TargetLike],
     repo_name: str | None,
-    dest: str | Path,
+    dest: DestinationLike,
     target_concurrency: int,
 ) -> ExportResults:
-    """Export many targets into one Hive-style dataset folder."""
+    """Export many targets into one Hive-style dataset folder or prefix."""
     refs = normalise_targets(targets, repo_name)
     check_int(target_concurrency, "target_concurrency", 1)
-    root = LocalDestination(dest)
+    root = await _thread(resolve_destination, dest)
     await _thread(root.prepare)
-    await _thread(_refuse_single_export, root)
+    await _thread(refuse_single_export, root)
     unique = list(dict.fromkeys(refs))
     results: dict[TargetRef, ExportResult] = {}
     slots = anyio.CapacityLimiter(target_concurrency)
 
     async def one(ref: TargetRef) -> None:
-        folder = (
-            root.path
-            / hive_segment("repo", ref.repo_name)
-            / hive_segment("target", ref.target_name)
+        folder = root.child(
+            hive_segment("repo", ref.repo_name), hive_segment("target", ref.target_name)
         )
         async with slots:
             try:
                 results[ref] = await exporter.export(ref, folder)
             except BreadError as exc:
-                results[ref] = ExportResult(target=ref, dest=str(folder), error=exc)
+                results[ref] = ExportResult(target=ref, dest=folder.display, error=exc)
 
     try:
         async with anyio.create_task_group() as tg:

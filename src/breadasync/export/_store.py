@@ -1,10 +1,10 @@
-"""Where exported parts go: the one seam between the exporter and storage.
+"""The local folder destination, and what every destination shares (names, part records).
 
 :class:`LocalDestination` writes each part to a hidden temporary name, fsyncs it and renames
 it into place, so a part file that exists is whole; a journal records each part's rows and
-SHA-256 as it commits, and the manifest, written last, is the export's commit point. An
-object-store destination (no atomic rename) can implement the same methods: parts under
-final names are only trusted when the journal or the manifest vouches for them.
+SHA-256 as it commits, and the manifest, written last, is the export's commit point. The
+object-store destination (``_objstore.FsDestination``) implements the same
+:class:`~breadasync.export.Destination` protocol without rename or flock.
 
 Every method blocks (file I/O): the exporter calls them through a worker thread.
 """
@@ -30,6 +30,50 @@ from breadasync._errors import DestinationError, ExportLockedError
 MANIFEST = "_manifest.json"
 JOURNAL = "_journal.jsonl"
 LOCK = ".lock"
+PART_GLOB = "part-*.parquet"
+
+
+def footer_identity(source: Any) -> dict[str, Any] | None:
+    """The export identity a part's footer records (``breadasync.export``), or ``None``."""
+    try:
+        meta = pq.read_schema(source).metadata or {}
+        found = orjson.loads(meta[b"breadasync.export"])
+    except Exception:
+        return None  # not a part of ours, or unreadable: no identity to go by
+    return found if isinstance(found, dict) else None
+
+
+class DamagedDocumentError(Exception):
+    """A bookkeeping document (manifest, journal) exists but cannot be read: empty, cut
+    short or not JSON. Internal: the resume protocol turns it into a clear export error."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} is {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def parse_document(name: str, raw: bytes) -> Any:
+    """``raw`` as JSON, or :class:`DamagedDocumentError` saying how it is damaged."""
+    if not raw.strip():
+        raise DamagedDocumentError(name, "empty")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise DamagedDocumentError(name, f"truncated or not JSON ({len(raw):,} bytes)") from None
+
+
+def parse_journal(raw: bytes) -> list[dict[str, Any]]:
+    """A journal's entries; a torn last line (a crash mid-append) is ignored."""
+    entries = []
+    for line in raw.splitlines():
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            break
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +139,7 @@ class PartFile:
         return self._hash.hexdigest()
 
 
-def describe_os_error(exc: OSError, what: str, path: Path) -> DestinationError:
+def describe_os_error(exc: OSError, what: str, path: str | os.PathLike[str]) -> DestinationError:
     """A :class:`DestinationError` that says what could not be done, where, and why."""
     reason = {
         errno.ENOSPC: "the disk is full",
@@ -117,6 +161,23 @@ class LocalDestination:
 
     def __repr__(self) -> str:
         return f"LocalDestination({str(self.path)!r})"
+
+    @property
+    def display(self) -> str:
+        """The folder, as shown in results and errors."""
+        return str(self.path)
+
+    def uri(self, name: str) -> str:
+        """The path of ``name`` in the folder."""
+        return str(self.path / name)
+
+    def child(self, *segments: str) -> LocalDestination:
+        """The sub-folder ``segments`` (a Hive dataset's ``repo=R/target=T``)."""
+        return LocalDestination(self.path.joinpath(*segments))
+
+    def holds_dataset(self) -> bool:
+        """Whether the folder holds a dataset of several targets (``repo=...`` folders)."""
+        return any(self.path.glob("repo=*"))
 
     def prepare(self) -> None:
         """Create the folder if needed; refuse a path that is a file or not writable."""
@@ -168,11 +229,18 @@ class LocalDestination:
             os.close(fd)
 
     def read_json(self, name: str) -> Any:
-        """The JSON document ``name`` of the folder, or ``None`` if missing or unreadable."""
+        """The JSON document ``name`` of the folder, or ``None`` if it is missing.
+
+        Raises:
+            DamagedDocumentError: It exists but is empty, cut short or unreadable.
+        """
         try:
-            return orjson.loads((self.path / name).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
+            raw = (self.path / name).read_bytes()
+        except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise DamagedDocumentError(name, f"unreadable ({exc.strerror})") from None
+        return parse_document(name, raw)
 
     def write_json(self, name: str, data: Any) -> None:
         """Write ``name`` atomically."""
@@ -191,15 +259,7 @@ class LocalDestination:
             raw = (self.path / JOURNAL).read_bytes()
         except OSError:
             return []
-        entries = []
-        for line in raw.splitlines():
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                break
-            if isinstance(entry, dict):
-                entries.append(entry)
-        return entries
+        return parse_journal(raw)
 
     def append_journal(self, entry: dict[str, Any]) -> None:
         """Append one entry to the journal, durably."""
@@ -219,7 +279,7 @@ class LocalDestination:
 
     def part_names(self) -> set[str]:
         """The part files present (committed or not vouched for)."""
-        return {p.name for p in self.path.glob("part-*.parquet")}
+        return {p.name for p in self.path.glob(PART_GLOB)}
 
     def open_part(self, name: str) -> PartFile:
         """Start writing part ``name`` under a hidden temporary name."""
@@ -274,6 +334,10 @@ class LocalDestination:
         if digest.hexdigest() != record.sha256:
             return "its checksum differs"
         return None
+
+    def part_identity(self, name: str) -> dict[str, Any] | None:
+        """The export identity in part ``name``'s footer, or ``None`` if unreadable."""
+        return footer_identity(self.path / name)
 
     def _write_atomic(self, name: str, data: bytes) -> None:
         # A temporary file, synced, then renamed over ``name``: readers see the old
