@@ -10,7 +10,6 @@ import importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
-from ._aiohttp_transport import AiohttpTransport
 from ._client import BreadClient, Rollout, Stim, Targets
 from ._config import NOT_GIVEN, Limits, PollPolicy, RetryPolicy, Timeouts
 from ._errors import (
@@ -52,11 +51,16 @@ from ._transports import AsyncBaseTransport, MockTransport, TransportRequest, Tr
 from ._version import __version__
 
 if _TYPE_CHECKING:
+    from ._aiohttp_transport import AiohttpTransport
     from .export import ExportResult, ExportResults
 
-_LAZY = {"ExportResult": "breadasync.export", "ExportResults": "breadasync.export"}
-"""Names loaded on first use: the exporter brings pyarrow, which a plain ``import
-breadasync`` (or ``breadasync --version``) must not pay for."""
+_LAZY = {
+    "AiohttpTransport": "breadasync._aiohttp_transport",
+    "ExportResult": "breadasync.export",
+    "ExportResults": "breadasync.export",
+}
+"""Names loaded on first use: the exporter brings pyarrow and the sender aiohttp, which a
+plain ``import breadasync`` (or ``breadasync --version``) must not pay for."""
 
 
 def __getattr__(name: str) -> _Any:
