@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -35,7 +36,12 @@ class SystemClock:
 
     def now(self) -> float:
         """The event loop's time."""
-        return anyio.current_time()
+        # asyncio's own reading first: anyio.current_time() looks the backend up on every
+        # call, which cost each request ~20 us of CPU at five readings a request.
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # another backend (trio)
+            return anyio.current_time()
 
     def wall(self) -> float:
         """Seconds since the epoch."""
