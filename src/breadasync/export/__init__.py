@@ -10,13 +10,23 @@ from ._decode import DEFAULT_LIMITS, DecodeLimits
 from ._decode_process import DecodeProcesses
 from ._exporter import ExportOptions, ExportProgress, ExportResult, ExportResults, hive_segment
 from ._plan import ExportPlan, Part
-from ._schema import SCHEMA, SCHEMA_VERSION, batch_to_rows, rows_to_batch
+from ._schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    TYPED_SCHEMA,
+    ColumnMode,
+    batch_to_rows,
+    rows_to_batch,
+    schema_for,
+)
 from ._store import LocalDestination, PartRecord
 
 __all__ = [
     "DEFAULT_LIMITS",
     "SCHEMA",
     "SCHEMA_VERSION",
+    "TYPED_SCHEMA",
+    "ColumnMode",
     "DecodeLimits",
     "DecodeProcesses",
     "ExportOptions",
@@ -30,4 +40,5 @@ __all__ = [
     "batch_to_rows",
     "hive_segment",
     "rows_to_batch",
+    "schema_for",
 ]

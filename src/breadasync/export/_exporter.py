@@ -49,7 +49,7 @@ from breadasync._version import __version__
 
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part, describe_job
 from ._reader import Page, RangeReader
-from ._schema import SCHEMA, SCHEMA_VERSION
+from ._schema import SCHEMA_VERSION, ColumnMode, check_columns, schema_for
 from ._store import JOURNAL, MANIFEST, LocalDestination, PartFile, PartRecord, describe_os_error
 from ._threads import run_to_end
 
@@ -86,6 +86,10 @@ class ExportOptions:
         resume: Keep verified parts from an earlier run (default); if false, an earlier
             export of the same target in the folder is replaced.
         allow_partial: Export what a running or failed job has so far instead of refusing.
+        columns: ``"json"`` (default): undocumented fields as JSON text in ``extra``;
+            ``"typed"``: the known ones (``messages``, ``usage``, ``finish_reason``,
+            ``reward``, ``tool_calls``) as typed columns, what does not fit them in
+            ``extra`` (see :mod:`breadasync.export._schema`).
     """
 
     page_size: int = MAX_PAGE_SIZE
@@ -95,8 +99,10 @@ class ExportOptions:
     compression: Compression = "zstd"
     resume: bool = True
     allow_partial: bool = False
+    columns: ColumnMode = "json"
 
     def __post_init__(self) -> None:
+        check_columns(self.columns)
         check_int(self.page_size, "page_size", 1, MAX_PAGE_SIZE)
         check_int(self.concurrency, "concurrency", 1, 1024)
         check_int(self.rows_per_part, "rows_per_part", 1, 100_000_000)
@@ -201,12 +207,14 @@ def hive_segment(key: str, value: str) -> str:
     return f"{key}={encoded}"
 
 
-def _identity(plan: ExportPlan) -> dict[str, Any]:
+def _identity(plan: ExportPlan, columns: ColumnMode) -> dict[str, Any]:
     """What an export is of: a resume keeps only parts written under an equal identity, so
-    parts of another job (a re-run, even with the same ``lines``) are never mixed in."""
+    parts of another job (a re-run, even with the same ``lines``) or of the other column
+    mode (another schema) are never mixed in."""
     return {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
+        "columns": columns,
         "repo": plan.target.repo_name,
         "target": plan.target.target_name,
         "lines": plan.lines,
@@ -216,14 +224,16 @@ def _identity(plan: ExportPlan) -> dict[str, Any]:
 
 
 def _same(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    # An export written before column modes existed is a "json" one.
+    found = {"columns": "json", **found}
     return all(found.get(key) == value for key, value in wanted.items())
 
 
 def _describe(found: dict[str, Any]) -> str:
     return (
         f"{found.get('repo')}/{found.get('target')} with {found.get('lines', '?'):,} lines "
-        f"in parts of {found.get('rows_per_part', '?'):,} rows "
-        f"({describe_job(found.get('job'))})"
+        f"in parts of {found.get('rows_per_part', '?'):,} rows, "
+        f"columns={found.get('columns', 'json')!r} ({describe_job(found.get('job'))})"
         if isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)
         else "something else"
     )
@@ -271,21 +281,27 @@ class _PartWriter:
     """Writes one part (blocking calls, made from a worker thread)."""
 
     def __init__(
-        self, store: LocalDestination, plan: ExportPlan, part: Part, compression: Compression
+        self,
+        store: LocalDestination,
+        plan: ExportPlan,
+        part: Part,
+        compression: Compression,
+        columns: ColumnMode,
     ) -> None:
         self.part = part
         self.rows = 0
         self._store = store
+        self._schema = schema_for(columns)
         self._file: PartFile = store.open_part(part.name)
         meta = {
             b"breadasync.export": orjson.dumps(
-                {**_identity(plan), "start": part.start, "stop": part.stop}
+                {**_identity(plan, columns), "start": part.start, "stop": part.stop}
             ),
         }
         try:
             self._writer = pq.ParquetWriter(
                 self._file,
-                SCHEMA.with_metadata({**(SCHEMA.metadata or {}), **meta}),
+                self._schema.with_metadata({**(self._schema.metadata or {}), **meta}),
                 compression=None if compression == "none" else compression,
             )
         except BaseException:
@@ -304,7 +320,7 @@ class _PartWriter:
 
     def flush(self) -> None:
         if self._pending:
-            table = pa.Table.from_batches(self._pending, SCHEMA)
+            table = pa.Table.from_batches(self._pending, self._schema)
             self._writer.write_table(table, row_group_size=table.num_rows)
             self.rows += self._pending_rows
             self._pending, self._pending_rows = [], 0
@@ -494,6 +510,7 @@ class Exporter:
             decode_limiter=self._decode_limiter,
             window=self._options.pages_ahead,
             user_id=self._user_id,
+            columns=self._options.columns,
         )
 
     async def export(self, target: TargetRef, dest: str | Path | LocalDestination) -> ExportResult:
@@ -572,7 +589,7 @@ class Exporter:
                 "export one target into a folder of its own, or use export_many on this one",
                 dest=str(store.path),
             )
-        wanted = _identity(plan)
+        wanted = _identity(plan, self._options.columns)
         manifest = store.read_json(MANIFEST)
         journal = store.read_journal()
         found: dict[str, Any] | None = None
@@ -662,7 +679,7 @@ class Exporter:
         def open_part(part: Part) -> _PartWriter:
             # Registered from the worker thread itself, so a cancel that lands while the
             # part is being opened still finds it to clean up.
-            new = _PartWriter(store, plan, part, self._options.compression)
+            new = _PartWriter(store, plan, part, self._options.compression, self._options.columns)
             opened.append(new)
             return new
 
@@ -700,7 +717,7 @@ class Exporter:
         started: float,
     ) -> None:
         manifest = {
-            "identity": _identity(plan),
+            "identity": _identity(plan, self._options.columns),
             "source": {
                 "base_url": self._client.base_url,
                 "repo": plan.target.repo_name,
@@ -722,7 +739,10 @@ class Exporter:
             "parts": [r.to_dict() for r in records],
             "schema": {
                 "version": SCHEMA_VERSION,
-                "fields": [{"name": f.name, "type": str(f.type)} for f in SCHEMA],
+                "columns": self._options.columns,
+                "fields": [
+                    {"name": f.name, "type": str(f.type)} for f in schema_for(self._options.columns)
+                ],
             },
             "written": datetime.now(UTC).isoformat(),
             "elapsed_s": round(time.monotonic() - started, 3),
