@@ -217,7 +217,7 @@ def test_export_one_and_many(bread_emulator: Emulator, tmp_path: Path) -> None:
     )
     assert many.returncode == 0, many.stderr
     assert f"3,700 rows in {tmp_path / 'many'}" in many.stdout
-    assert (tmp_path / "many" / "repo=r" / "target=b" / "_manifest.json").exists()
+    assert (tmp_path / "many" / "repo=r" / "target=b" / "_manifest.parquet").exists()
 
 
 @pytest.mark.bread_emulator(speed=0)
@@ -362,7 +362,7 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     _, stderr = child.communicate(timeout=30)
     assert child.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert not (folder / "_manifest.json").exists()
+    assert not (folder / "_manifest.parquet").exists()
     assert not list(folder.glob(".part-*"))
     kept = len(journal.read_bytes().splitlines()) - 1
     assert kept >= 1

@@ -348,7 +348,7 @@ class BreadClient:
         Pages are fetched in parallel (``concurrency``), at most ``window`` ahead of the
         writer, converted to Arrow off the event loop and written as parts of
         ``rows_per_part`` rows (``part-00000.parquet``...), each to a temporary name,
-        fsynced and renamed when whole. ``_manifest.json``, written last, commits the
+        fsynced and renamed when whole. ``_manifest.parquet``, written last, commits the
         export. The export holds exactly the job's ``lines`` rows: column ``row_offset``,
         the documented fields, and ``extra`` (every other field, as JSON); with
         ``columns="typed"`` also ``messages``, ``usage``, ``finish_reason``, ``reward`` and

@@ -278,10 +278,10 @@ def committed(folder: str) -> list[dict[str, Any]] | None:
     not.
     """
     try:
-        from breadasync.export import LocalDestination
+        from breadasync.export import LocalDestination, load_manifest
 
         store = LocalDestination(folder)
-        manifest = store.read_json("_manifest.json")
+        manifest = load_manifest(folder)
         if isinstance(manifest, dict) and isinstance(manifest.get("parts"), list):
             records = manifest["parts"]
         else:

@@ -9,6 +9,7 @@ and the destination seam.
 from ._decode import DEFAULT_LIMITS, DecodeLimits
 from ._decode_process import DecodeProcesses
 from ._exporter import ExportOptions, ExportProgress, ExportResult, ExportResults, hive_segment
+from ._manifest import MANIFEST_KEY, load_manifest
 from ._plan import ExportPlan, Part
 from ._schema import (
     SCHEMA,
@@ -23,6 +24,7 @@ from ._store import LocalDestination, PartRecord
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "MANIFEST_KEY",
     "SCHEMA",
     "SCHEMA_VERSION",
     "TYPED_SCHEMA",
@@ -39,6 +41,7 @@ __all__ = [
     "PartRecord",
     "batch_to_rows",
     "hive_segment",
+    "load_manifest",
     "rows_to_batch",
     "schema_for",
 ]

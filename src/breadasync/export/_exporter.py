@@ -47,6 +47,7 @@ from breadasync._results import Results
 from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name, target_path
 from breadasync._version import __version__
 
+from ._manifest import read_manifest, remove_manifest, write_manifest
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part, describe_job
 from ._reader import Page, RangeReader
 from ._schema import SCHEMA_VERSION, ColumnMode, check_columns, schema_for
@@ -232,11 +233,15 @@ def _same(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
 def _describe(found: dict[str, Any]) -> str:
     return (
         f"{found.get('repo')}/{found.get('target')} with {found.get('lines', '?'):,} lines "
-        f"in parts of {found.get('rows_per_part', '?'):,} rows, "
-        f"columns={found.get('columns', 'json')!r} ({describe_job(found.get('job'))})"
+        f"in parts of {found.get('rows_per_part', '?'):,} rows "
+        f"({describe_job(found.get('job'))}){_in_mode(found.get('columns', 'json'))}"
         if isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)
         else "something else"
     )
+
+
+def _in_mode(columns: Any) -> str:
+    return f", with columns={columns!r}" if columns != "json" else ""
 
 
 def _job_changed(plan: ExportPlan, job: JobStatus, now: JobIdentity, dest: str) -> BreadError:
@@ -590,7 +595,7 @@ class Exporter:
                 dest=str(store.path),
             )
         wanted = _identity(plan, self._options.columns)
-        manifest = store.read_json(MANIFEST)
+        manifest = read_manifest(store)
         journal = store.read_journal()
         found: dict[str, Any] | None = None
         records: list[dict[str, Any]] = []
@@ -612,7 +617,8 @@ class Exporter:
                 raise ExportMismatchError(
                     f"{str(store.path)!r} already holds an export of {_describe(found)}, not "
                     f"of {plan.target} with {plan.lines:,} lines in parts of "
-                    f"{plan.rows_per_part:,} rows; it was left untouched. Choose another "
+                    f"{plan.rows_per_part:,} rows{_in_mode(self._options.columns)}; it was left "
+                    "untouched. Choose another "
                     "folder" + (", or pass resume=False to replace it" if same_target else ""),
                     dest=str(store.path),
                 )
@@ -643,7 +649,7 @@ class Exporter:
         store.reset_journal({**wanted, "started": datetime.now(UTC).isoformat()})
         for record in keep:
             store.append_journal(record.to_dict())
-        store.remove(MANIFEST)
+        remove_manifest(store)
         for name in store.part_names() - kept - {p.name for p in parts}:
             store.remove(name)  # parts of an earlier, replaced layout
         return keep, todo, False
@@ -748,12 +754,12 @@ class Exporter:
             "elapsed_s": round(time.monotonic() - started, 3),
             "breadasync": __version__,
         }
-        store.write_json(MANIFEST, manifest)
+        write_manifest(store, manifest, schema_for(self._options.columns))
         store.remove(JOURNAL)
 
 
 def _refuse_single_export(root: LocalDestination) -> None:
-    if root.read_json(MANIFEST) is not None or root.read_journal() or root.part_names():
+    if read_manifest(root) is not None or root.read_journal() or root.part_names():
         raise ExportMismatchError(
             f"{str(root.path)!r} holds the export of a single target; a dataset of several "
             "targets (repo=R/target=T/ folders) needs a folder of its own",
