@@ -56,12 +56,16 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Emulator, Path]:
                     assert not results.failures()
 
         asyncio.run(run())
-    # polars and DuckDB start their thread pools (and the pools' event fds) on first use,
-    # for the life of the process: start them here, not inside a test that checks for
-    # leaked files.
-    for read in READERS.values():
-        read(root / "json" / "one")
+    warm_up(root / "json" / "one")
     return emulator, root
+
+
+def warm_up(folder: Path) -> None:
+    """polars and DuckDB start their thread pools (and the pools' event fds) on first use,
+    for the life of the process: a module fixture starts them, so that no test that checks
+    for leaked files is the first to use them."""
+    for read in READERS.values():
+        read(folder)
 
 
 READERS: dict[str, Callable[[Path], int]] = {
