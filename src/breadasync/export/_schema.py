@@ -257,17 +257,19 @@ def rows_to_batch(
     if columns == "typed":
         names = _COLUMNED
         for name, kind, fits, to_arrow, _ in TYPED_FIELDS:
-            values = [row.get(name) for row in rows]
-            for i, value in enumerate(values):
-                if value is None:
-                    if name in rows[i]:
-                        misfits.setdefault(i, []).append(name)
-                elif not fits(value):
-                    misfits.setdefault(i, []).append(name)
-                    values[i] = None
-                elif to_arrow is not None:
-                    values[i] = to_arrow(value)
-            arrays.append(pa.array(values, kind))
+            # Most rows carry none of these fields: visit only those that do.
+            present = [i for i, row in enumerate(rows) if name in row]
+            if not present:
+                arrays.append(pa.nulls(count, kind))
+                continue
+            column: list[Any] = [None] * count
+            for i in present:
+                value = rows[i][name]
+                if value is None or not fits(value):
+                    misfits.setdefault(i, []).append(name)  # an explicit null, or a misfit
+                else:
+                    column[i] = value if to_arrow is None else to_arrow(value)
+            arrays.append(pa.array(column, kind))
     extras: list[bytes | None] = [None] * count
     for i, row in enumerate(rows):
         also = misfits.get(i)
