@@ -462,7 +462,8 @@ class BreadClient:
         Entering the block checks the target (``NotFoundError``, ``UnfinishedJobError``)
         before any batch is asked for; leaving it stops every fetch. Same checks as
         :meth:`export_rollout`: an unfinished job is refused unless ``allow_partial``;
-        short pages are completed; exactly ``lines`` rows of one job come out.
+        short pages are completed; exactly ``lines`` rows of one job come out. ``columns``
+        chooses the batches' schema (``"json"`` or ``"typed"``, as for the export).
         """
         from .export._exporter import BatchStream, Exporter, ExportOptions
 
