@@ -217,7 +217,7 @@ def test_export_one_and_many(bread_emulator: Emulator, tmp_path: Path) -> None:
     )
     assert many.returncode == 0, many.stderr
     assert f"3,700 rows in {tmp_path / 'many'}" in many.stdout
-    assert (tmp_path / "many" / "repo=r" / "target=b" / "_manifest.json").exists()
+    assert (tmp_path / "many" / "repo=r" / "target=b" / "_manifest.parquet").exists()
 
 
 @pytest.mark.bread_emulator(speed=0)
@@ -306,8 +306,11 @@ def test_export_to_a_folder_without_write_permission(
             # Root writes anywhere: run the command as a normal user would (the interpreter
             # itself lives where only root may read, so its modules load before the drop).
             code = (
-                "import os, sys, breadasync.cli, breadasync.cli._commands, breadasync._client, "
-                "breadasync.export._exporter, pyarrow.parquet, pyarrow.json, "
+                "import os, sys, shutil, breadasync.cli, breadasync.cli._commands, "
+                "breadasync.cli._export, breadasync._client, breadasync._aiohttp_transport, "
+                "breadasync.export, breadasync.export._exporter, breadasync.export._commit, "
+                "breadasync.export._manifest, breadasync.export._dest, "
+                "breadasync.export._objstore, pyarrow.parquet, pyarrow.json, pyarrow.fs, "
                 "pyarrow.compute; os.seteuid(65534); "
                 f"sys.exit(breadasync.cli.main({argv!r}))"
             )
@@ -362,7 +365,7 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
     _, stderr = child.communicate(timeout=30)
     assert child.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert not (folder / "_manifest.json").exists()
+    assert not (folder / "_manifest.parquet").exists()
     assert not list(folder.glob(".part-*"))
     kept = len(journal.read_bytes().splitlines()) - 1
     assert kept >= 1

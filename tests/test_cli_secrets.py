@@ -111,7 +111,7 @@ def test_the_key_is_in_no_output_log_or_file(
         captured = capsys.readouterr()
         assert KEY not in captured.out + captured.err, argv
     assert codes == [0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1, 0, 2, 2, 0]
-    assert (tmp_path / "one" / "repo=r" / "target=t" / "_manifest.json").exists()
+    assert (tmp_path / "one" / "repo=r" / "target=t" / "_manifest.parquet").exists()
 
     # Interrupted: the hint repeats the command line, with the key hidden.
     async def interrupted(args: object, ui: object) -> int:

@@ -37,7 +37,7 @@ from breadasync import (
     UnfinishedJobError,
 )
 from breadasync.emulator import Emulator, EmulatorThread, Faults, TargetPlan
-from breadasync.export import SCHEMA, LocalDestination, batch_to_rows, hive_segment
+from breadasync.export import SCHEMA, LocalDestination, batch_to_rows, hive_segment, load_manifest
 from breadasync.export._store import PartFile
 from tests.test_export_kill import KillAt
 
@@ -130,7 +130,8 @@ async def test_manifest_is_written_last_and_describes_the_parts(
 ) -> None:
     bread_emulator.add_target("r", "t", rows=2500, rollout="complete")
     await exporter.export_rollout("t", repo_name="r", dest=tmp_path, rows_per_part=1000)
-    manifest = orjson.loads((tmp_path / "_manifest.json").read_bytes())
+    manifest = load_manifest(tmp_path)
+    assert manifest is not None
     assert manifest["lines"] == manifest["rows"] == 2500
     assert manifest["job"]["status"] == "complete"
     assert manifest["source"] == {
@@ -240,7 +241,7 @@ async def test_faults_that_must_stop_the_export(
     bread_emulator.set_faults(faults, repo="r", target="t")
     with pytest.raises(error, match=message):
         await exporter.export_rollout("t", repo_name="r", dest=tmp_path)
-    assert not (tmp_path / "_manifest.json").exists()
+    assert not (tmp_path / "_manifest.parquet").exists()
     assert not list(tmp_path.glob(".part-*"))  # no half-written part left behind
 
 
@@ -379,7 +380,7 @@ async def test_unfinished_jobs_are_refused_unless_partial_is_allowed(
     )
     assert (partial.rows, partial.partial, partial.status) == (250, True, "running")
     assert read_rows(tmp_path / "a") == bread_emulator.trajectories("r", "running", 0, 250)
-    assert orjson.loads((tmp_path / "a" / "_manifest.json").read_bytes())["partial"] is True
+    assert (load_manifest(tmp_path / "a") or {})["partial"] is True
 
     bread_emulator.add_target("r", "failed", rollout="failed", rows=1000)
     with pytest.raises(UnfinishedJobError, match=r"failed .* after 500 lines"):
@@ -504,7 +505,7 @@ async def test_a_full_disk_is_a_clear_error_and_damages_nothing(
     before = digests(tmp_path / "good")
     with pytest.raises(DestinationError, match="the disk is full"):
         await exporter.export_rollout("big", repo_name="r", dest=FullDisk(tmp_path / "big"))
-    assert not (tmp_path / "big" / "_manifest.json").exists()
+    assert not (tmp_path / "big" / "_manifest.parquet").exists()
     assert not list((tmp_path / "big").glob("*.parquet"))
     assert not list((tmp_path / "big").glob(".part-*"))
     assert digests(tmp_path / "good") == before

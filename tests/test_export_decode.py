@@ -211,7 +211,7 @@ def test_the_schema_names_no_sql_reserved_word() -> None:
     assert SCHEMA_VERSION == 2
     assert SCHEMA.names[0] == "row_offset"
     assert "offset" not in SCHEMA.names
-    assert SCHEMA.metadata == {b"breadasync.schema": b"2"}
+    assert SCHEMA.metadata == {b"breadasync.schema": b"2", b"breadasync.columns": b"json"}
 
 
 # --- pages that are not the one asked for --------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from breadasync import BreadClient, DataIntegrityError, ExportMismatchError, NotFoundError
 from breadasync.emulator import Emulator, EmulatorThread, JobView
-from breadasync.export import ExportProgress, batch_to_rows
+from breadasync.export import ExportProgress, batch_to_rows, load_manifest
 
 ROWS = 10_000
 PART = 1000
@@ -77,7 +77,8 @@ def after_rows(rows: int, action: Callable[[], None]) -> Callable[[ExportProgres
 
 
 def manifest(folder: Path) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads((folder / "_manifest.json").read_bytes())
+    data = load_manifest(folder)
+    assert data is not None
     return data
 
 
@@ -135,7 +136,7 @@ async def test_a_rerun_during_the_export_is_caught_and_named(
     assert f"job {old}" in message
     assert f"job {new}" in message
     assert "rows of two jobs must not be mixed" in message
-    assert not (tmp_path / "_manifest.json").exists()
+    assert not (tmp_path / "_manifest.parquet").exists()
 
     # The parts of the first job are not resumed into the second one ...
     with pytest.raises(ExportMismatchError, match=rf"\(job {old}\)"):
@@ -183,7 +184,7 @@ async def interrupted(client: BreadClient, dest: Path) -> None:
         )
     assert scope.cancelled_caught
     assert (dest / "_journal.jsonl").exists()
-    assert not (dest / "_manifest.json").exists()
+    assert not (dest / "_manifest.parquet").exists()
 
 
 @pytest.mark.parametrize("rows", [ROWS, ROWS + 500], ids=["same-lines", "other-lines"])

@@ -101,13 +101,15 @@ async def test_a_damaged_manifest_is_named_and_resume_false_recovers(
 ) -> None:
     bread_emulator.add_target("r", "t", rows=1500, rollout="complete")
     await exporter.export_rollout("t", repo_name="r", dest=tmp_path, rows_per_part=1000)
-    manifest = tmp_path / "_manifest.json"
+    manifest = tmp_path / "_manifest.parquet"
     whole = manifest.read_bytes()
     manifest.write_bytes(
         {"empty": b"", "truncated": whole[: len(whole) // 3], "blank": b"  \n"}[damage]
     )
-    reason = "truncated or not JSON" if damage == "truncated" else "empty"
-    with pytest.raises(ExportMismatchError, match=rf"damaged _manifest.json \({reason}") as caught:
+    reason = "truncated" if damage == "truncated" else "empty"
+    with pytest.raises(
+        ExportMismatchError, match=rf"damaged _manifest.parquet \({reason}"
+    ) as caught:
         await exporter.export_rollout("t", repo_name="r", dest=tmp_path, rows_per_part=1000)
     assert "resume=False" in str(caught.value)
     assert "--no-resume" in str(caught.value)
@@ -130,11 +132,11 @@ def test_cli_no_resume_recovers_a_damaged_manifest(
     ]
     assert cli_main(argv) == 0
     folder = tmp_path / "repo=r" / "target=t"
-    (folder / "_manifest.json").write_bytes(b"")
+    (folder / "_manifest.parquet").write_bytes(b"")
     capsys.readouterr()
     assert cli_main(argv) == 1
     err = capsys.readouterr().err
-    assert "damaged _manifest.json (empty)" in err
+    assert "damaged _manifest.parquet (empty)" in err
     assert err.strip().count("\n") == 0
     assert cli_main([*argv, "--no-resume"]) == 0
     assert batch_to_rows(pq.read_table(folder)) == bread_emulator.trajectories("r", "t")
@@ -145,10 +147,10 @@ async def test_a_damaged_manifest_at_a_dataset_root_is_not_taken_for_a_dataset(
     exporter: BreadClient, bread_emulator: Emulator, tmp_path: Path
 ) -> None:
     bread_emulator.add_target("r", "t", rows=10, rollout="complete")
-    (tmp_path / "_manifest.json").write_bytes(b"{")
+    (tmp_path / "_manifest.parquet").write_bytes(b"{")
     with pytest.raises(ExportMismatchError, match="holds the export of a single target"):
         await exporter.export_many(["t"], repo_name="r", dest=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_manifest.parquet"]
 
 
 @frozen
@@ -158,7 +160,7 @@ async def test_resume_false_never_replaces_another_targets_export_with_a_damaged
     bread_emulator.add_target("r", "a", rows=1500, rollout="complete")
     bread_emulator.add_target("r", "b", rows=10, rollout="complete")
     await exporter.export_rollout("a", repo_name="r", dest=tmp_path, rows_per_part=1000)
-    (tmp_path / "_manifest.json").write_bytes(b"")
+    (tmp_path / "_manifest.parquet").write_bytes(b"")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
     with pytest.raises(ExportMismatchError, match="already holds an export"):
         await exporter.export_rollout("b", repo_name="r", dest=tmp_path, resume=False)

@@ -27,12 +27,21 @@ from breadasync import (  # noqa: E402
     AuthenticationError,
     BreadClient,
     DataIntegrityError,
+    InvalidArgumentError,
     NotFoundError,
     TargetRef,
     UnfinishedJobError,
 )
 from breadasync.emulator import Emulator, Faults  # noqa: E402
-from breadasync.ray import SCHEMA, BreadDatasource, Segment, read_rollouts  # noqa: E402
+from breadasync.export import TYPED_SCHEMA as EXPORT_TYPED  # noqa: E402
+from breadasync.export import batch_to_rows  # noqa: E402
+from breadasync.ray import (  # noqa: E402
+    SCHEMA,
+    TYPED_SCHEMA,
+    BreadDatasource,
+    Segment,
+    read_rollouts,
+)
 from breadasync.ray._bridge import POSITION  # noqa: E402
 from tests.conftest import _open_files  # noqa: E402
 
@@ -76,13 +85,13 @@ def _add(emulator: Emulator, sizes: dict[str, int]) -> list[tuple[str, str]]:
     return [("r", name) for name in sizes]
 
 
-def _rows(table: pa.Table) -> list[dict[str, Any]]:
+def _rows(table: pa.Table, schema: pa.Schema = SCHEMA) -> list[dict[str, Any]]:
     """Rows in (repo, target, position) order, names as plain strings."""
-    table = table.select(SCHEMA.names)
+    table = table.select(schema.names)
     table = table.set_column(
-        SCHEMA.get_field_index("repo"), "repo", table.column("repo").cast(pa.string())
+        schema.get_field_index("repo"), "repo", table.column("repo").cast(pa.string())
     ).set_column(
-        SCHEMA.get_field_index("target"), "target", table.column("target").cast(pa.string())
+        schema.get_field_index("target"), "target", table.column("target").cast(pa.string())
     )
     rows = table.to_pylist()
     rows.sort(key=lambda row: (row["repo"], row["target"], row[POSITION]))
@@ -164,9 +173,11 @@ def test_planning_refuses_what_cannot_be_read(bread_emulator: Emulator) -> None:
         BreadDatasource(["done"], repo_name="r", api_key="not-the-key", base_url=url)
 
 
-async def _export_locally(emulator: Emulator, targets: list[tuple[str, str]], dest: Path) -> None:
+async def _export_locally(
+    emulator: Emulator, targets: list[tuple[str, str]], dest: Path, columns: Any = "json"
+) -> None:
     async with BreadClient(emulator.api_key, emulator.url) as client:
-        results = await client.export_many(targets, dest=dest)
+        results = await client.export_many(targets, dest=dest, columns=columns)
     assert all(r.ok for r in results)
 
 
@@ -194,6 +205,37 @@ def test_read_equals_the_local_export_row_by_row(
     # the same pages as the local export (cuts fall on its page boundaries), so the same
     # bytes: even the key order of ``extra``, which depends on a page's other rows
     assert _rows(remote) == _rows(local)
+
+
+@pytest.mark.bread_emulator(speed=0)
+def test_a_typed_read_equals_the_typed_local_export(
+    ray_cluster: None, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    targets = _add(bread_emulator, {"a": 2600, "b": 900})
+    asyncio.run(_export_locally(bread_emulator, targets, tmp_path / "local", "typed"))
+    local = pads.dataset(tmp_path / "local", format="parquet", partitioning="hive").to_table()
+    dataset = read_rollouts(
+        targets,
+        api_key=bread_emulator.api_key,
+        base_url=bread_emulator.url,
+        override_num_blocks=2,
+        columns="typed",
+    )
+    assert dataset.schema().base_schema == TYPED_SCHEMA
+    assert TYPED_SCHEMA.names[:-2] == EXPORT_TYPED.names
+    dataset.write_parquet(str(tmp_path / "ray"))
+    remote = pq.read_table(tmp_path / "ray")
+    assert remote.num_rows == local.num_rows == 3500
+    assert remote.schema.remove_metadata() == TYPED_SCHEMA.remove_metadata()
+    assert remote.column("tool_calls").null_count < remote.num_rows
+    assert _rows(remote, TYPED_SCHEMA) == _rows(local, TYPED_SCHEMA)
+    back = batch_to_rows(remote.sort_by([("target", "ascending"), (POSITION, "ascending")]))
+    assert back == bread_emulator.trajectories("r", "a") + bread_emulator.trajectories("r", "b")
+
+
+def test_a_bad_column_mode_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="columns must be"):
+        read_rollouts(["t"], repo_name="r", api_key="k", base_url="http://127.0.0.1:9", columns="x")  # type: ignore[arg-type]
 
 
 @pytest.mark.bread_emulator(speed=0)

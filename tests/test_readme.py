@@ -70,7 +70,7 @@ async def test_the_python_examples(
     found = await run_async(block("export_many"))
     assert found["one"].rows == 50
     assert found["many"].rows == 100  # t3 failed: its result holds the error
-    assert (tmp_path / "dataset" / "repo=my_repo" / "target=t1" / "_manifest.json").exists()
+    assert (tmp_path / "dataset" / "repo=my_repo" / "target=t1" / "_manifest.parquet").exists()
 
     namespace = {}
     await asyncio.to_thread(exec, block("import duckdb"), namespace)

@@ -44,6 +44,7 @@ from breadasync import (
 from breadasync.cli import main as cli_main
 from breadasync.emulator import Emulator, Faults
 from breadasync.export import FsDestination, batch_to_rows, resolve_destination
+from breadasync.export._manifest import decode_manifest
 from tests.conftest import _open_files, wait_until
 
 moto_server = pytest.importorskip("moto.server")
@@ -317,14 +318,15 @@ async def test_one_target_to_s3_reads_back_exactly(
     assert result.rows == 2500
     assert result.dest == f"s3://{bucket.name}/exports/t"  # no URI options in what is shown
     assert result.files == [f"{result.dest}/part-{i:05d}.parquet" for i in range(3)]
-    assert result.manifest == f"{result.dest}/_manifest.json"
+    assert result.manifest == f"{result.dest}/_manifest.parquet"
     objects = bucket.keys("exports/t")
     # Parts and the manifest only: no temporary object, no journal, no lease left behind.
     assert sorted(objects) == [
-        "exports/t/_manifest.json",
+        "exports/t/_manifest.parquet",
         *(f"exports/t/part-{i:05d}.parquet" for i in range(3)),
     ]
-    manifest = orjson.loads(objects["exports/t/_manifest.json"])
+    manifest = decode_manifest(objects["exports/t/_manifest.parquet"])
+    assert manifest is not None
     for record in manifest["parts"]:
         data = objects[f"exports/t/{record['name']}"]
         assert (len(data), hashlib.sha256(data).hexdigest()) == (record["bytes"], record["sha256"])
@@ -419,7 +421,7 @@ async def test_bad_destinations_fail_before_any_request(
 def test_uri_options_are_not_shown() -> None:
     store = resolve_destination("s3://bucket/p?endpoint_override=127.0.0.1:1&scheme=http")
     assert store.display == "s3://bucket/p"
-    assert store.uri("_manifest.json") == "s3://bucket/p/_manifest.json"
+    assert store.uri("_manifest.parquet") == "s3://bucket/p/_manifest.parquet"
     assert "endpoint" not in repr(store)
 
 
@@ -514,7 +516,7 @@ async def test_killed_exporter_resumes_on_s3(bread_emulator: Emulator, bucket: B
         orjson.loads(line)["name"] for line in left["killed/_journal.jsonl"].splitlines()[1:]
     }
     assert 3 <= len(done_parts) < 10
-    assert "killed/_manifest.json" not in left
+    assert "killed/_manifest.parquet" not in left
     lease = orjson.loads(left["killed/_lease.json"])
     assert lease["pid"] == child.pid  # left by the killed process, still unexpired
 
@@ -633,10 +635,10 @@ async def test_a_damaged_manifest_on_s3_is_named_and_replaced_with_resume_false(
     bread_emulator.add_target("r", "t", rows=1500, rollout="complete")
     dest = bucket.uri("m")
     await exporter.export_rollout("t", repo_name="r", dest=dest, rows_per_part=1000)
-    manifest = bucket.keys("m")["m/_manifest.json"]
+    manifest = bucket.keys("m")["m/_manifest.parquet"]
     for damaged, reason in ((b"", "empty"), (manifest[: len(manifest) // 2], "truncated")):
-        bucket.put("m/_manifest.json", damaged)
-        with pytest.raises(ExportMismatchError, match=f"damaged _manifest.json \\({reason}"):
+        bucket.put("m/_manifest.parquet", damaged)
+        with pytest.raises(ExportMismatchError, match=f"damaged _manifest.parquet \\({reason}"):
             await exporter.export_rollout("t", repo_name="r", dest=dest, rows_per_part=1000)
         result = await exporter.export_rollout(
             "t", repo_name="r", dest=dest, rows_per_part=1000, resume=False
@@ -684,7 +686,7 @@ async def test_a_store_that_keeps_failing_leaves_no_part_and_resumes_later(
     assert proxy.injected  # every part upload was refused
     left = bucket.keys("k")
     assert not [k for k in left if k.startswith("k/part-")]  # no part under a final name
-    assert "k/_manifest.json" not in left
+    assert "k/_manifest.parquet" not in left
     result = await exporter.export_rollout(
         "t", repo_name="r", dest=bucket.uri("k"), rows_per_part=1000
     )
@@ -707,7 +709,7 @@ async def test_an_fsspec_filesystem_pair(exporter: BreadClient, bread_emulator: 
         )
         assert result.rows == 1200
         names = sorted(p.rsplit("/", 1)[1] for p in memory.find(root))
-        assert names == ["_manifest.json", "part-00000.parquet", "part-00001.parquet"]
+        assert names == ["_manifest.parquet", "part-00000.parquet", "part-00001.parquet"]
         fs = pafs.PyFileSystem(pafs.FSSpecHandler(memory))
         table = ds.dataset(f"{root}/out", filesystem=fs, format="parquet").to_table()
         assert batch_to_rows(table) == bread_emulator.trajectories("r", "t")

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         ExportResult,
         ExportResults,
     )
+    from .export._schema import ColumnMode
 
 __all__ = ["BreadClient", "Rollout", "Stim", "Targets"]
 
@@ -336,6 +337,7 @@ class BreadClient:
         compression: Compression = "zstd",
         resume: bool = True,
         allow_partial: bool = False,
+        columns: ColumnMode = "json",
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ProgressCallback[ExportProgress] | None = None,
@@ -345,15 +347,19 @@ class BreadClient:
         Pages are fetched in parallel (``concurrency``), at most ``window`` ahead of the
         writer, converted to Arrow off the event loop and written as parts of
         ``rows_per_part`` rows (``part-00000.parquet``...), each to a temporary name,
-        fsynced and renamed when whole. ``_manifest.json``, written last, commits the
-        export. The export holds exactly the job's ``lines`` rows: column ``offset``, the
-        documented fields, and ``extra`` (every other field, as JSON).
+        fsynced and renamed when whole. ``_manifest.parquet``, written last, commits the
+        export. The export holds exactly the job's ``lines`` rows: column ``row_offset``,
+        the documented fields, and ``extra`` (every other field, as JSON); with
+        ``columns="typed"`` also ``messages``, ``usage``, ``finish_reason``, ``reward`` and
+        ``tool_calls`` as typed columns (docs/SCHEMA.md).
 
         Args:
             page_size: Rows per page request, 1..1000.
             resume: Keep the verified parts of an earlier run into ``dest`` (default); if
                 false, replace an earlier export of this target there.
             allow_partial: Export what a running or failed job has so far.
+            columns: ``"json"`` (default) or ``"typed"``: how undocumented fields are
+                stored (:class:`~breadasync.export.ExportOptions`).
             on_progress: Called with an :class:`~breadasync.export.ExportProgress` as pages
                 are written.
             dest: A folder path; a URI (``s3://bucket/prefix``, ``gs://``, ``abfs://``,
@@ -377,7 +383,14 @@ class BreadClient:
 
         target = TargetRef.of(target_name, repo_name)
         options = ExportOptions(
-            page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
+            page_size,
+            concurrency,
+            window,
+            rows_per_part,
+            compression,
+            resume,
+            allow_partial,
+            columns,
         )
         exporter = Exporter(self._api, options, user_id, on_progress=on_progress)
         return await exporter.export(target, dest)
@@ -395,6 +408,7 @@ class BreadClient:
         compression: Compression = "zstd",
         resume: bool = True,
         allow_partial: bool = False,
+        columns: ColumnMode = "json",
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ProgressCallback[ExportProgress] | None = None,
@@ -411,7 +425,14 @@ class BreadClient:
         from .export._exporter import Exporter, ExportOptions, export_many
 
         options = ExportOptions(
-            page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
+            page_size,
+            concurrency,
+            window,
+            rows_per_part,
+            compression,
+            resume,
+            allow_partial,
+            columns,
         )
         return await export_many(
             Exporter(self._api, options, user_id, on_progress=on_progress),
@@ -429,6 +450,7 @@ class BreadClient:
         page_size: int = 1000,
         concurrency: int = 16,
         allow_partial: bool = False,
+        columns: ColumnMode = "json",
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
     ) -> BatchStream:
@@ -442,12 +464,15 @@ class BreadClient:
         Entering the block checks the target (``NotFoundError``, ``UnfinishedJobError``)
         before any batch is asked for; leaving it stops every fetch. Same checks as
         :meth:`export_rollout`: an unfinished job is refused unless ``allow_partial``;
-        short pages are completed; exactly ``lines`` rows of one job come out.
+        short pages are completed; exactly ``lines`` rows of one job come out. ``columns``
+        chooses the batches' schema (``"json"`` or ``"typed"``, as for the export).
         """
         from .export._exporter import BatchStream, Exporter, ExportOptions
 
         target = TargetRef.of(target_name, repo_name)
-        options = ExportOptions(page_size, concurrency, window, allow_partial=allow_partial)
+        options = ExportOptions(
+            page_size, concurrency, window, allow_partial=allow_partial, columns=columns
+        )
         return BatchStream(Exporter(self._api, options, user_id), target)
 
     async def request(

@@ -195,6 +195,10 @@ def _run(args: argparse.Namespace, argv: list[str], secrets: set[str], scrub: Sc
     undo_logging = setup_logging(getattr(args, "verbose", 0), ui.stderr, scrub)  # type: ignore[arg-type]
     kind, code, message = "", EXIT_OK, ""
     more: dict[str, Any] = {}
+    # The HTTP sender (aiohttp) loads lazily; load it before the event loop starts so its
+    # import never stalls the loop (asyncio's debug mode would report a slow callback).
+    import breadasync._aiohttp_transport  # noqa: F401
+
     try:
         try:
             return asyncio.run(COMMANDS[args.name](args, ui))

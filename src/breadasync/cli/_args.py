@@ -324,6 +324,13 @@ def _export_parser(commands: Any, chosen: Parser) -> Parser:
         "--allow-partial", action="store_true", help="export what an unfinished job has so far"
     )
     export.add_argument(
+        "--columns",
+        choices=("json", "typed"),
+        default="json",
+        help="json (default): undocumented fields as JSON text in 'extra'; typed: messages, "
+        "usage, finish_reason, reward and tool_calls as typed columns too (docs/SCHEMA.md)",
+    )
+    export.add_argument(
         "--dry-run",
         action="store_true",
         help="print the plan (targets, lines, pages, parts, estimated bytes) and stop; reads "

@@ -92,6 +92,7 @@ async def cmd_export(args: argparse.Namespace, ui: Ui, watch: ExportWatch) -> in
         "rows_per_part": args.rows_per_part,
         "resume": not args.no_resume,
         "allow_partial": args.allow_partial,
+        "columns": args.columns,
     }
     async with make_client(args) as client:
         targets = await all_targets(client, args.repo) if args.all else args.targets
@@ -133,7 +134,7 @@ def _pages(lines: int, rows_per_part: int, page_size: int) -> tuple[int, int]:
     return parts, pages
 
 
-async def _sample(client: Any, repo: str, name: str, lines: int) -> dict[str, float]:
+async def _sample(client: Any, repo: str, name: str, lines: int, columns: Any) -> dict[str, float]:
     """Bytes per row, from one small page: as JSON on the wire and as zstd Parquet."""
     import orjson
     import pyarrow as pa
@@ -148,7 +149,8 @@ async def _sample(client: Any, repo: str, name: str, lines: int) -> dict[str, fl
     if not rows:
         return {}
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_batches([rows_to_batch(rows, 0)]), sink, compression="zstd")
+    batch = rows_to_batch(rows, 0, columns=columns)
+    pq.write_table(pa.Table.from_batches([batch]), sink, compression="zstd")
     return {
         "rows": len(rows),
         "json_bytes_per_row": len(orjson.dumps(rows)) / len(rows),
@@ -212,7 +214,7 @@ async def _dry_run(client: Any, args: argparse.Namespace, ui: Ui, targets: list[
     first = next((e for e in entries if e.get("would_export") and e["lines"]), None)
     if first is not None:
         try:
-            sample = await _sample(client, args.repo, first["target"], first["lines"])
+            sample = await _sample(client, args.repo, first["target"], first["lines"], args.columns)
         except BreadError as exc:
             ui.note(f"no byte estimate: the sample page could not be read: {exc}")
     for entry in entries:
@@ -276,10 +278,10 @@ def committed(folder: str) -> list[dict[str, Any]] | None:
     not.
     """
     try:
-        from breadasync.export import LocalDestination
+        from breadasync.export import LocalDestination, load_manifest
 
         store = LocalDestination(folder)
-        manifest = store.read_json("_manifest.json")
+        manifest = load_manifest(folder)
         if isinstance(manifest, dict) and isinstance(manifest.get("parts"), list):
             records = manifest["parts"]
         else:

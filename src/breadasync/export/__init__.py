@@ -11,15 +11,27 @@ from ._decode import DEFAULT_LIMITS, DecodeLimits
 from ._decode_process import DecodeProcesses
 from ._dest import Destination, DestinationLike, resolve_destination
 from ._exporter import ExportOptions, ExportProgress, ExportResult, ExportResults, hive_segment
+from ._manifest import MANIFEST_KEY, load_manifest
 from ._objstore import FsDestination
 from ._plan import ExportPlan, Part
-from ._schema import SCHEMA, SCHEMA_VERSION, batch_to_rows, rows_to_batch
+from ._schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    TYPED_SCHEMA,
+    ColumnMode,
+    batch_to_rows,
+    rows_to_batch,
+    schema_for,
+)
 from ._store import LocalDestination, PartRecord
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "MANIFEST_KEY",
     "SCHEMA",
     "SCHEMA_VERSION",
+    "TYPED_SCHEMA",
+    "ColumnMode",
     "DecodeLimits",
     "DecodeProcesses",
     "Destination",
@@ -35,6 +47,8 @@ __all__ = [
     "PartRecord",
     "batch_to_rows",
     "hive_segment",
+    "load_manifest",
     "resolve_destination",
     "rows_to_batch",
+    "schema_for",
 ]

@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 from breadasync._errors import DataIntegrityError, ExportMismatchError
 
 from ._dest import Destination, PartSink
+from ._manifest import read_manifest, remove_manifest, write_manifest
 from ._plan import Part, describe_job
-from ._schema import SCHEMA
-from ._store import JOURNAL, MANIFEST, DamagedDocumentError, PartRecord
+from ._store import JOURNAL, DamagedDocumentError, PartRecord
 
 ROW_GROUP_ROWS = 16_384
 """Rows buffered before a row group is written: big enough for readers, small enough to
@@ -42,7 +42,14 @@ keep memory flat."""
 
 def same(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether an identity found in the destination is the one wanted."""
+    # An export written before column modes existed is a "json" one.
+    found = {"columns": "json", **found}
     return all(found.get(key) == value for key, value in wanted.items())
+
+
+def in_mode(columns: Any) -> str:
+    """The column mode in words, where it is not the default."""
+    return f", with columns={columns!r}" if columns != "json" else ""
 
 
 def describe(found: dict[str, Any]) -> str:
@@ -50,7 +57,7 @@ def describe(found: dict[str, Any]) -> str:
     return (
         f"{found.get('repo')}/{found.get('target')} with {found.get('lines', '?'):,} lines "
         f"in parts of {found.get('rows_per_part', '?'):,} rows "
-        f"({describe_job(found.get('job'))})"
+        f"({describe_job(found.get('job'))}){in_mode(found.get('columns', 'json'))}"
         if isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)
         else "something else"
     )
@@ -64,14 +71,21 @@ class PartWriter:
         identity: The export's identity, recorded in the part's footer metadata.
         part: The part to write.
         compression: Parquet compression (``"none"`` for none).
+        schema: The export's schema (one per column mode, the same in every part).
     """
 
     def __init__(
-        self, store: Destination, identity: dict[str, Any], part: Part, compression: str
+        self,
+        store: Destination,
+        identity: dict[str, Any],
+        part: Part,
+        compression: str,
+        schema: pa.Schema,
     ) -> None:
         self.part = part
         self.rows = 0
         self._store = store
+        self._schema = schema
         self._file: PartSink = store.open_part(part.name)
         meta = {
             b"breadasync.export": orjson.dumps(
@@ -81,7 +95,7 @@ class PartWriter:
         try:
             self._writer = pq.ParquetWriter(
                 self._file,
-                SCHEMA.with_metadata({**(SCHEMA.metadata or {}), **meta}),
+                schema.with_metadata({**(schema.metadata or {}), **meta}),
                 compression=None if compression == "none" else compression,
             )
         except BaseException:
@@ -102,7 +116,7 @@ class PartWriter:
     def flush(self) -> None:
         """Write the buffered rows as one row group."""
         if self._pending:
-            table = pa.Table.from_batches(self._pending, SCHEMA)
+            table = pa.Table.from_batches(self._pending, self._schema)
             self._writer.write_table(table, row_group_size=table.num_rows)
             self.rows += self._pending_rows
             self._pending, self._pending_rows = [], 0
@@ -181,7 +195,7 @@ def reconcile(
         )
     damaged = False
     try:
-        manifest = store.read_json(MANIFEST)
+        manifest = read_manifest(store)
     except DamagedDocumentError as exc:
         if resume:
             raise _damaged(store, exc) from None
@@ -244,18 +258,20 @@ def reconcile(
     store.reset_journal({**wanted, "started": datetime.now(UTC).isoformat()})
     for record in keep:
         store.append_journal(record.to_dict())
-    store.remove(MANIFEST)
+    remove_manifest(store)
     for name in store.part_names() - kept - {p.name for p in parts}:
         store.remove(name)  # parts of an earlier, replaced layout
     return keep, todo, False
 
 
-def commit(store: Destination, manifest: dict[str, Any]) -> None:
-    """Write the manifest, the commit point, then drop the journal it supersedes."""
+def commit(store: Destination, manifest: dict[str, Any], schema: pa.Schema) -> None:
+    """Write the manifest (in a row-less Parquet file of ``schema``: see
+    :mod:`breadasync.export._manifest`), the commit point, then drop the journal it
+    supersedes."""
     check = getattr(store, "check_lease", None)
     if check is not None:
         check()  # a lease taken over meanwhile: do not commit over another exporter
-    store.write_json(MANIFEST, manifest)
+    write_manifest(store, manifest, schema)
     store.remove(JOURNAL)
 
 
@@ -266,7 +282,7 @@ def refuse_single_export(root: Destination) -> None:
         ExportMismatchError: It does (a damaged manifest counts).
     """
     try:
-        single = root.read_json(MANIFEST) is not None
+        single = read_manifest(root) is not None
     except DamagedDocumentError:
         single = True
     if single or root.read_journal() or root.part_names():

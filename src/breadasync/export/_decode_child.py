@@ -12,6 +12,7 @@ import pyarrow as pa
 from ._decode import DecodeLimits
 from ._decode_process import serve
 from ._reader import decode_page
+from ._schema import check_columns
 
 
 def main() -> None:
@@ -20,9 +21,12 @@ def main() -> None:
     limits = DecodeLimits(max_body_bytes, max_depth, max_values)
 
     def decode(
-        body: bytes, method: str, path: str, status: int, offset: int, limit: int
+        body: bytes, method: str, path: str, status: int, offset: int, limit: int, columns: Any
     ) -> tuple[pa.RecordBatch, int | None, Any]:
-        page = decode_page(body, method, path, status, offset, limit, limits=limits)
+        check_columns(columns)
+        page = decode_page(
+            body, method, path, status, offset, limit, limits=limits, columns=columns
+        )
         return page.batch, page.lines, str(page.status)
 
     serve(sys.stdin.buffer, sys.stdout.buffer, decode)

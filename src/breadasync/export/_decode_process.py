@@ -70,12 +70,19 @@ class _Child:
         )
 
     def decode(
-        self, body: bytes, method: str, path: str, status: int, offset: int, limit: int
+        self,
+        body: bytes,
+        method: str,
+        path: str,
+        status: int,
+        offset: int,
+        limit: int,
+        columns: str,
     ) -> tuple[pa.RecordBatch, int | None, str]:
         stdin, stdout = self.process.stdin, self.process.stdout
         assert stdin is not None
         assert stdout is not None
-        meta = json.dumps([method, path, status, offset, limit]).encode()
+        meta = json.dumps([method, path, status, offset, limit, columns]).encode()
         try:
             send_frame(stdin, meta, body)
             kind, head, payload = read_frame(stdout)
@@ -132,9 +139,18 @@ class DecodeProcesses:
         self._closed = False
 
     def decode(
-        self, body: bytes, method: str, path: str, status: int, offset: int, limit: int
+        self,
+        body: bytes,
+        method: str,
+        path: str,
+        status: int,
+        offset: int,
+        limit: int,
+        *,
+        columns: str = "json",
     ) -> tuple[pa.RecordBatch, int | None, str]:
-        """``(batch, lines, status)`` of one page, decoded in a child process.
+        """``(batch, lines, status)`` of one page, decoded in a child process, in the
+        column mode ``columns``.
 
         Raises:
             ProtocolError, DataIntegrityError: as :func:`decode_page` would.
@@ -142,7 +158,7 @@ class DecodeProcesses:
         with self._free:
             child = self._take()
             try:
-                return child.decode(body, method, path, status, offset, limit)
+                return child.decode(body, method, path, status, offset, limit, columns)
             finally:
                 self._give_back(child)
 
@@ -189,9 +205,9 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], decode: Callable[..., Any]) -> No
             meta, body = read_frame(stdin)
         except EOFError:
             return
-        method, path, status, offset, limit = json.loads(meta)
+        method, path, status, offset, limit, columns = json.loads(meta)
         try:
-            batch, lines, state = decode(body, method, path, status, offset, limit)
+            batch, lines, state = decode(body, method, path, status, offset, limit, columns)
         except (ProtocolError, DataIntegrityError) as exc:
             excerpt = getattr(exc, "excerpt", "")
             send_frame(

@@ -87,6 +87,12 @@ class Destination(Protocol):
     def write_json(self, name: str, data: Any) -> None:
         """Write ``name`` whole or not at all."""
 
+    def read_bytes(self, name: str) -> bytes | None:
+        """The bytes of document ``name``, ``None`` if missing."""
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write document ``name`` whole or not at all."""
+
     def remove(self, name: str) -> None:
         """Delete ``name`` if it exists."""
 

@@ -42,11 +42,11 @@ from breadasync._results import Results
 from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name, target_path
 from breadasync._version import __version__
 
-from ._commit import PartWriter, commit, reconcile, refuse_single_export
+from ._commit import PartWriter, commit, in_mode, reconcile, refuse_single_export
 from ._dest import Destination, DestinationLike, resolve_destination
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part
 from ._reader import Page, RangeReader
-from ._schema import SCHEMA, SCHEMA_VERSION
+from ._schema import SCHEMA_VERSION, ColumnMode, check_columns, schema_for
 from ._store import MANIFEST, PartRecord, describe_os_error
 from ._threads import run_to_end
 
@@ -80,6 +80,10 @@ class ExportOptions:
         resume: Keep verified parts from an earlier run (default); if false, an earlier
             export of the same target in the folder is replaced.
         allow_partial: Export what a running or failed job has so far instead of refusing.
+        columns: ``"json"`` (default): undocumented fields as JSON text in ``extra``;
+            ``"typed"``: the known ones (``messages``, ``usage``, ``finish_reason``,
+            ``reward``, ``tool_calls``) as typed columns, what does not fit them in
+            ``extra`` (see :mod:`breadasync.export._schema`).
     """
 
     page_size: int = MAX_PAGE_SIZE
@@ -89,8 +93,10 @@ class ExportOptions:
     compression: Compression = "zstd"
     resume: bool = True
     allow_partial: bool = False
+    columns: ColumnMode = "json"
 
     def __post_init__(self) -> None:
+        check_columns(self.columns)
         check_int(self.page_size, "page_size", 1, MAX_PAGE_SIZE)
         check_int(self.concurrency, "concurrency", 1, 1024)
         check_int(self.rows_per_part, "rows_per_part", 1, 100_000_000)
@@ -195,12 +201,14 @@ def hive_segment(key: str, value: str) -> str:
     return f"{key}={encoded}"
 
 
-def _identity(plan: ExportPlan) -> dict[str, Any]:
+def _identity(plan: ExportPlan, columns: ColumnMode) -> dict[str, Any]:
     """What an export is of: a resume keeps only parts written under an equal identity, so
-    parts of another job (a re-run, even with the same ``lines``) are never mixed in."""
+    parts of another job (a re-run, even with the same ``lines``) or of the other column
+    mode (another schema) are never mixed in."""
     return {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
+        "columns": columns,
         "repo": plan.target.repo_name,
         "target": plan.target.target_name,
         "lines": plan.lines,
@@ -401,6 +409,7 @@ class Exporter:
             decode_limiter=self._decode_limiter,
             window=self._options.pages_ahead,
             user_id=self._user_id,
+            columns=self._options.columns,
         )
 
     async def export(self, target: TargetRef, dest: DestinationLike) -> ExportResult:
@@ -478,9 +487,10 @@ class Exporter:
         return reconcile(
             store,
             plan.parts,
-            _identity(plan),
+            _identity(plan, self._options.columns),
             resume=self._options.resume,
-            what=f"{plan.target} with {plan.lines:,} lines in parts of {plan.rows_per_part:,} rows",
+            what=f"{plan.target} with {plan.lines:,} lines in parts of {plan.rows_per_part:,} rows"
+            + in_mode(self._options.columns),
         )
 
     async def _write_parts(
@@ -514,7 +524,13 @@ class Exporter:
         def open_part(part: Part) -> PartWriter:
             # Registered from the worker thread itself, so a cancel that lands while the
             # part is being opened still finds it to clean up.
-            new = PartWriter(store, _identity(plan), part, self._options.compression)
+            new = PartWriter(
+                store,
+                _identity(plan, self._options.columns),
+                part,
+                self._options.compression,
+                schema_for(self._options.columns),
+            )
             opened.append(new)
             return new
 
@@ -552,7 +568,7 @@ class Exporter:
         started: float,
     ) -> None:
         manifest = {
-            "identity": _identity(plan),
+            "identity": _identity(plan, self._options.columns),
             "source": {
                 "base_url": self._client.base_url,
                 "repo": plan.target.repo_name,
@@ -574,13 +590,16 @@ class Exporter:
             "parts": [r.to_dict() for r in records],
             "schema": {
                 "version": SCHEMA_VERSION,
-                "fields": [{"name": f.name, "type": str(f.type)} for f in SCHEMA],
+                "columns": self._options.columns,
+                "fields": [
+                    {"name": f.name, "type": str(f.type)} for f in schema_for(self._options.columns)
+                ],
             },
             "written": datetime.now(UTC).isoformat(),
             "elapsed_s": round(time.monotonic() - started, 3),
             "breadasync": __version__,
         }
-        commit(store, manifest)
+        commit(store, manifest, schema_for(self._options.columns))
 
 
 async def export_many(

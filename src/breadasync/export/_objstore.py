@@ -353,6 +353,14 @@ class FsDestination:
         """Write ``name`` whole or not at all."""
         self._put(name, orjson.dumps(data, option=orjson.OPT_INDENT_2))
 
+    def read_bytes(self, name: str) -> bytes | None:
+        """The bytes of document ``name``, or ``None`` if it is missing."""
+        return self._get(name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` whole or not at all."""
+        self._put(name, data)
+
     def remove(self, name: str) -> None:
         """Delete ``name`` if it exists."""
         try:

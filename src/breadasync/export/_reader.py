@@ -7,6 +7,7 @@ it, and a distributed reader could hand it one range.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from breadasync._validation import target_path
 
 from ._decode import DEFAULT_LIMITS, DecodeLimits, read_page_json
 from ._decode_process import DecodeProcesses
-from ._schema import rows_to_batch
+from ._schema import ColumnMode, rows_to_batch
 from ._threads import run_to_end
 
 if TYPE_CHECKING:
@@ -54,20 +55,23 @@ def decode_page(
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
     decoder: DecodeProcesses | None = None,
+    columns: ColumnMode = "json",
 ) -> _Decoded:
     """Decode and convert one page exactly (runs in a worker thread).
 
     orjson reads the body (with the checks of :func:`read_page_json`, which refuse a
     hostile body before anything else parses it), then :func:`rows_to_batch` converts it;
     in one of ``decoder``'s child processes when given (then ``decoder``'s limits apply),
-    else in this one, holding the GIL throughout.
+    else in this one, holding the GIL throughout. ``columns`` is the column mode.
 
     Raises:
         ProtocolError: the body is not a valid page, or goes past ``limits``.
         DataIntegrityError: the page is not the one asked for, or is longer.
     """
     if decoder is not None:
-        batch, lines, state = decoder.decode(body, method, path, status, offset, limit)
+        batch, lines, state = decoder.decode(
+            body, method, path, status, offset, limit, columns=columns
+        )
         return _Decoded(batch, lines, JobState(state))
     data = read_page_json(
         body, method=method, path=path, status=status, offset=offset, limits=limits
@@ -82,7 +86,7 @@ def decode_page(
             f"{method} {path}: asked for {limit} rows, got {len(page.output)}; the service "
             "sent more rows than a page may hold"
         )
-    return _Decoded(rows_to_batch(page.output, offset), page.lines, page.status)
+    return _Decoded(rows_to_batch(page.output, offset, columns=columns), page.lines, page.status)
 
 
 class RangeReader:
@@ -97,6 +101,7 @@ class RangeReader:
             more threads than cores only contend).
         window: Pages fetched ahead of the consumer, at most: memory stays flat.
         user_id: The user override, already resolved (``None``: none).
+        columns: The column mode of the batches (``"json"`` or ``"typed"``).
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class RangeReader:
         decode_limiter: anyio.CapacityLimiter,
         window: int,
         user_id: str | None,
+        columns: ColumnMode = "json",
     ) -> None:
         self._client = client
         self._expected = expected_lines
@@ -118,6 +124,8 @@ class RangeReader:
         self._decode_limiter = decode_limiter
         self._window = window
         self._user_id = user_id
+        self._columns = columns
+        self._decode = functools.partial(decode_page, columns=columns)
         self._path = target_path(target.repo_name, target.target_name, "rollout", "output")
         self.requests = 0
         """Page requests made (a short page costs one more)."""
@@ -179,7 +187,7 @@ class RangeReader:
             try:
                 # Run to its end even when cancelled: no decode outlives the export.
                 decoded = await run_to_end(
-                    decode_page,
+                    self._decode,
                     response.body,
                     response.method,
                     response.path,

@@ -27,7 +27,9 @@ import pyarrow.parquet as pq
 
 from breadasync._errors import DestinationError, ExportLockedError
 
-MANIFEST = "_manifest.json"
+MANIFEST = "_manifest.parquet"
+"""A row-less Parquet file whose footer holds the manifest (see ``_manifest.py``): polars
+reads a folder only when every non-empty file in it is Parquet."""
 JOURNAL = "_journal.jsonl"
 LOCK = ".lock"
 PART_GLOB = "part-*.parquet"
@@ -241,6 +243,17 @@ class LocalDestination:
         except OSError as exc:
             raise DamagedDocumentError(name, f"unreadable ({exc.strerror})") from None
         return parse_document(name, raw)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The bytes of file ``name`` of the folder, or ``None`` if missing or unreadable."""
+        try:
+            return (self.path / name).read_bytes()
+        except OSError:
+            return None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` atomically."""
+        self._write_atomic(name, data)
 
     def write_json(self, name: str, data: Any) -> None:
         """Write ``name`` atomically."""

@@ -19,7 +19,14 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("breadasync.ray needs Ray Data: pip install 'breadasync[ray]'") from exc
 
-from ._datasource import BLOCK_ROWS, SCHEMA, TRANSIENT_ERRORS, BreadDatasource
+from ._datasource import (
+    BLOCK_ROWS,
+    SCHEMA,
+    TRANSIENT_ERRORS,
+    TYPED_SCHEMA,
+    BreadDatasource,
+    read_schema,
+)
 from ._planner import Segment, TargetRows, split
 from ._read import read_rollouts
 
@@ -27,9 +34,11 @@ __all__ = [
     "BLOCK_ROWS",
     "SCHEMA",
     "TRANSIENT_ERRORS",
+    "TYPED_SCHEMA",
     "BreadDatasource",
     "Segment",
     "TargetRows",
     "read_rollouts",
+    "read_schema",
     "split",
 ]

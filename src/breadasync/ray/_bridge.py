@@ -19,10 +19,23 @@ from breadasync._errors import first_error
 from breadasync._models import JobState, TargetRef
 from breadasync.export._exporter import DECODE_THREADS, Exporter, ExportOptions
 from breadasync.export._reader import Page, RangeReader
-from breadasync.export._schema import SCHEMA, rows_to_batch
+from breadasync.export._schema import SCHEMA, ColumnMode, check_columns, rows_to_batch, schema_for
 
 EXPORT_SCHEMA = SCHEMA
-"""The columns of the local Parquet export, which a Ray read reproduces."""
+"""The columns of the local Parquet export (column mode ``"json"``), which a Ray read
+reproduces."""
+
+__all__ = [
+    "DECODE_THREADS_PER_TASK",
+    "EXPORT_SCHEMA",
+    "POSITION",
+    "ColumnMode",
+    "check_columns",
+    "plan_target",
+    "read_range",
+    "rows_to_arrow",
+    "schema_for",
+]
 
 POSITION = SCHEMA.names[0]
 """The column holding a row's position in its job's output (0..lines-1)."""
@@ -40,9 +53,11 @@ async def plan_target(
     return plan.lines, plan.status == JobState.COMPLETE
 
 
-def rows_to_arrow(rows: list[dict[str, object]], offset: int) -> pa.RecordBatch:
+def rows_to_arrow(
+    rows: list[dict[str, object]], offset: int, columns: ColumnMode = "json"
+) -> pa.RecordBatch:
     """Rows as the exporter converts them (used to size a sample page)."""
-    return rows_to_batch(rows, offset)
+    return rows_to_batch(rows, offset, columns=columns)
 
 
 async def read_range(
@@ -58,6 +73,7 @@ async def read_range(
     decode_limiter: anyio.CapacityLimiter,
     window: int,
     send: MemoryObjectSendStream[list[pa.RecordBatch]],
+    columns: ColumnMode = "json",
 ) -> None:
     """Send rows ``start..stop-1`` of ``target`` to ``send`` as lists of batches in offset
     order (one list per page), then close it; with the exporter's checks: short pages are
@@ -65,7 +81,7 @@ async def read_range(
     :class:`~breadasync.DataIntegrityError`.
 
     At most ``window`` pages are fetched ahead of the consumer; ``limiter`` bounds the
-    requests in flight."""
+    requests in flight; ``columns`` is the column mode, as in the exporter."""
     reader = RangeReader(
         client.api,
         target,
@@ -75,6 +91,7 @@ async def read_range(
         decode_limiter=decode_limiter,
         window=window,
         user_id=client.user_id,
+        columns=columns,
     )
     pages = [Page(at, min(page_size, stop - at)) for at in range(start, stop, page_size)]
     inner_send, inner = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()

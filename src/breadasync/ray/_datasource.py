@@ -34,16 +34,35 @@ from breadasync._validation import MAX_PAGE_SIZE, check_int
 from ._bridge import (
     DECODE_THREADS_PER_TASK,
     EXPORT_SCHEMA,
+    ColumnMode,
+    check_columns,
     plan_target,
     read_range,
     rows_to_arrow,
+    schema_for,
 )
 from ._planner import Segment, TargetRows, split
 
-SCHEMA = EXPORT_SCHEMA.append(pa.field("repo", pa.string(), nullable=False)).append(
-    pa.field("target", pa.string(), nullable=False)
-)
-"""The columns of a Ray read: those of the Parquet export, then ``repo`` and ``target``."""
+
+def _with_names(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("repo", pa.string(), nullable=False)).append(
+        pa.field("target", pa.string(), nullable=False)
+    )
+
+
+SCHEMA = _with_names(EXPORT_SCHEMA)
+"""The columns of a Ray read (column mode ``"json"``): those of the Parquet export, then
+``repo`` and ``target``."""
+
+TYPED_SCHEMA = _with_names(schema_for("typed"))
+"""The columns of a Ray read with ``columns="typed"``: those of the typed Parquet export,
+then ``repo`` and ``target``."""
+
+
+def read_schema(columns: ColumnMode) -> pa.Schema:
+    """The schema of a Ray read in the column mode ``columns``."""
+    return TYPED_SCHEMA if columns == "typed" else SCHEMA
+
 
 BLOCK_ROWS = 16_384
 """Rows per block a read task yields: a few MB of realistic rows, well under Ray's block
@@ -92,6 +111,7 @@ class _Connection:
     user_id: str | None
     allow_insecure_http: bool
     page_size: int
+    columns: ColumnMode = "json"
 
     def client(self) -> BreadClient:
         return BreadClient(
@@ -231,6 +251,7 @@ class _ReadFn:
                                     decode_limiter=decode_limiter,
                                     window=pages,
                                     send=seg_send,
+                                    columns=conn.columns,
                                 )
                             )
                             await queued_send.send((seg, pages, seg_receive))
@@ -238,19 +259,20 @@ class _ReadFn:
                 tg.start_soon(start_segments)
                 pending: list[pa.RecordBatch] = []
                 rows = 0
+                schema = read_schema(conn.columns)
                 async with queued:
                     async for seg, pages, seg_receive in queued:
                         async with seg_receive:
                             async for batches in seg_receive:
                                 for batch in batches:
-                                    pending.append(_named(batch, seg))
+                                    pending.append(_named(batch, seg, schema))
                                     rows += batch.num_rows
                                 if rows >= BLOCK_ROWS:
-                                    await send.send(pa.Table.from_batches(pending, SCHEMA))
+                                    await send.send(pa.Table.from_batches(pending, schema))
                                     pending, rows = [], 0
                         await slots.give(pages)
                 if pending:
-                    await send.send(pa.Table.from_batches(pending, SCHEMA))
+                    await send.send(pa.Table.from_batches(pending, schema))
         except BaseExceptionGroup as group:
             raise first_error(group) from None
 
@@ -267,7 +289,7 @@ def _skip(segments: tuple[Segment, ...], rows: int) -> tuple[Segment, ...]:
     return tuple(left)
 
 
-def _named(batch: pa.RecordBatch, seg: Segment) -> pa.RecordBatch:
+def _named(batch: pa.RecordBatch, seg: Segment, schema: pa.Schema) -> pa.RecordBatch:
     n = batch.num_rows
     return pa.RecordBatch.from_arrays(
         [
@@ -275,7 +297,7 @@ def _named(batch: pa.RecordBatch, seg: Segment) -> pa.RecordBatch:
             pa.repeat(pa.scalar(seg.target.repo_name, pa.string()), n),
             pa.repeat(pa.scalar(seg.target.target_name, pa.string()), n),
         ],
-        schema=SCHEMA,
+        schema=schema,
     )
 
 
@@ -324,8 +346,10 @@ class BreadDatasource(Datasource):
         timeout: float | Timeouts = Timeouts(),  # noqa: B008 (frozen)
         user_id: str | None = None,
         allow_insecure_http: bool = False,
+        columns: ColumnMode = "json",
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        check_columns(columns)
         refs = list(dict.fromkeys(normalise_targets(targets, repo_name)))
         check_int(max_concurrency, "max_concurrency", 1)
         check_int(page_size, "page_size", 1, MAX_PAGE_SIZE)
@@ -345,6 +369,10 @@ class BreadDatasource(Datasource):
         """Read tasks running at once, at most."""
         self.page_size = page_size
         self.task_retries = check_int(task_retries, "task_retries", 0)
+        self.columns: ColumnMode = columns
+        """The column mode (as the exporter's ``columns``)."""
+        self.schema = read_schema(columns)
+        """The schema of the blocks: :data:`SCHEMA` or :data:`TYPED_SCHEMA`."""
         self._connection = _Connection(
             url,
             _Secret(key),
@@ -355,6 +383,7 @@ class BreadDatasource(Datasource):
             user_id,
             allow_insecure_http,
             page_size,
+            columns,
         )
         planned: tuple[list[TargetRows], float] = _run(partial(self._plan, refs, allow_partial))
         self.targets, self.row_bytes = planned
@@ -398,7 +427,7 @@ class BreadDatasource(Datasource):
                     offset=0,
                 )
                 if page.output:
-                    batch = rows_to_arrow(page.output, 0)
+                    batch = rows_to_arrow(page.output, 0, self.columns)
                     names = len(sample.target.repo_name) + len(sample.target.target_name)
                     row_bytes = batch.nbytes / batch.num_rows + names + 8  # + two offsets
         return targets, row_bytes
@@ -447,7 +476,7 @@ class BreadDatasource(Datasource):
                 exec_stats=None,
             )
             read_tasks.append(
-                ReadTask(fn, meta, schema=SCHEMA, per_task_row_limit=per_task_row_limit)
+                ReadTask(fn, meta, schema=self.schema, per_task_row_limit=per_task_row_limit)
             )
         return read_tasks
 

@@ -11,6 +11,7 @@ from breadasync._config import Timeouts
 from breadasync._models import TargetLike
 from breadasync._validation import MAX_PAGE_SIZE
 
+from ._bridge import ColumnMode
 from ._datasource import TRANSIENT_ERRORS, BreadDatasource
 
 __all__ = ["TRANSIENT_ERRORS", "read_rollouts"]
@@ -33,6 +34,7 @@ def read_rollouts(
     user_id: str | None = None,
     allow_insecure_http: bool = False,
     override_num_blocks: int | None = None,
+    columns: ColumnMode = "json",
 ) -> ray.data.Dataset:
     """The rollout outputs of ``targets`` as a Ray dataset.
 
@@ -58,6 +60,8 @@ def read_rollouts(
             duplicated. A worker that dies is rerun by Ray, which replaces the blocks of
             the lost run with the same blocks.
         override_num_blocks: Read tasks wanted (default: Ray's choice from the size).
+        columns: ``"json"`` (default) or ``"typed"``: the exporter's column modes, with
+            the same columns and types (docs/SCHEMA.md).
         api_key, base_url, timeout, user_id, allow_insecure_http, page_size, allow_partial:
             As for :class:`~breadasync.BreadClient` and the exporter. The key travels to the
             workers inside the serialized read tasks; it is in no task name, repr or
@@ -78,6 +82,7 @@ def read_rollouts(
         timeout=timeout,
         user_id=user_id,
         allow_insecure_http=allow_insecure_http,
+        columns=columns,
     )
     # Ray warns when allowed more tasks at once than it gets
     at_once = min(datasource.max_tasks, datasource.most_tasks, override_num_blocks or 1 << 30)
