@@ -92,10 +92,12 @@ class RangeReader:
         expected_lines: The ``lines`` the export planned for. On a complete job every page
             must report exactly this; on a partial export it may only grow.
         complete: Whether the job was complete when the export began.
-        limiter: Bounds page requests in flight (shared by the targets of one export).
+        limiter: Bounds page requests in flight (shared by the targets of one export); a
+            page waiting to retry does not hold it.
         decode_limiter: Bounds decoding threads (decoding still needs the GIL at times, so
             more threads than cores only contend).
-        window: Pages fetched ahead of the consumer, at most: memory stays flat.
+        window: Pages fetched ahead of the consumer, at most: memory stays flat. Pages
+            beyond one that waits for a retry go on being fetched, up to this bound.
         user_id: The user override, already resolved (``None``: none).
     """
 
@@ -171,10 +173,11 @@ class RangeReader:
         offset, end = page.offset, page.offset + page.limit
         while offset < end:
             limit = end - offset
-            async with self._limiter:
-                response = await self._client.get_raw(
-                    self._path, {"limit": limit, "offset": offset}, self._user_id
-                )
+            # The limiter bounds attempts in flight, not pages waiting for a retry: a page
+            # held back by a backoff or a Retry-After leaves its slot to the pages beyond it.
+            response = await self._client.get_raw(
+                self._path, {"limit": limit, "offset": offset}, self._user_id, self._limiter
+            )
             self.requests += 1
             try:
                 # Run to its end even when cancelled: no decode outlives the export.
