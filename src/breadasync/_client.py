@@ -340,6 +340,7 @@ class BreadClient:
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ProgressCallback[ExportProgress] | None = None,
+        decode_processes: int | None = None,
     ) -> ExportResult:
         """Export a rollout's output to Parquet files in the folder ``dest``.
 
@@ -357,6 +358,8 @@ class BreadClient:
             allow_partial: Export what a running or failed job has so far.
             on_progress: Called with an :class:`~breadasync.export.ExportProgress` as pages
                 are written.
+            decode_processes: Child processes that decode pages (0: threads of this
+                process; default: :class:`~breadasync.export.ExportOptions`' default).
             dest: A folder path, or a :class:`~breadasync.export.LocalDestination` (the
                 storage seam).
 
@@ -375,6 +378,8 @@ class BreadClient:
         options = ExportOptions(
             page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
         )
+        if decode_processes is not None:
+            options = replace(options, decode_processes=decode_processes)
         if not isinstance(dest, LocalDestination):
             dest = os.fspath(dest)
         exporter = Exporter(self._api, options, user_id, on_progress=on_progress)
@@ -396,6 +401,7 @@ class BreadClient:
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ProgressCallback[ExportProgress] | None = None,
+        decode_processes: int | None = None,
     ) -> ExportResults:
         """Export many targets into one dataset folder, ``dest/repo=R/target=T/``.
 
@@ -411,6 +417,8 @@ class BreadClient:
         options = ExportOptions(
             page_size, concurrency, window, rows_per_part, compression, resume, allow_partial
         )
+        if decode_processes is not None:
+            options = replace(options, decode_processes=decode_processes)
         return await export_many(
             Exporter(self._api, options, user_id, on_progress=on_progress),
             targets,

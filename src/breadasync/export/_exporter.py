@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +47,7 @@ from breadasync._results import Results
 from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name, target_path
 from breadasync._version import __version__
 
+from ._decode_process import DecodeProcesses
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part, describe_job
 from ._reader import Page, RangeReader
 from ._schema import SCHEMA, SCHEMA_VERSION
@@ -62,6 +63,12 @@ FORMAT = "breadasync-export"
 DECODE_THREADS = 2
 """Threads decoding pages. Arrow's JSON parser releases the GIL, so two keep two cores busy;
 more only add contention with the event loop (measured in benchmarks/RESULTS.md)."""
+DECODE_PROCESSES = 0
+"""Default child processes decoding pages (see :class:`ExportOptions`); chosen by
+measurement in ``benchmarks/export.py``."""
+PROCESS_MIN_PAGES = 50
+"""Below this many pages to fetch, an export decodes in threads: starting a child (a Python
+with pyarrow, some 0.3 s of CPU) costs more than it saves."""
 ROW_GROUP_ROWS = 16_384
 """Rows buffered before a row group is written: big enough for readers, small enough to
 keep memory flat."""
@@ -94,6 +101,11 @@ class ExportOptions:
         resume: Keep verified parts from an earlier run (default); if false, an earlier
             export of the same target in the folder is replaced.
         allow_partial: Export what a running or failed job has so far instead of refusing.
+        decode_processes: Child processes that decode pages (exactly as this process
+            would, sending Arrow IPC back), so decoding holds no GIL of the event loop's
+            process; 0 decodes in threads of this one (default :data:`DECODE_PROCESSES`).
+            Exports of fewer than :data:`PROCESS_MIN_PAGES` pages always decode in threads
+            (a child costs a Python start-up).
     """
 
     page_size: int = MAX_PAGE_SIZE
@@ -103,9 +115,11 @@ class ExportOptions:
     compression: Compression = "zstd"
     resume: bool = True
     allow_partial: bool = False
+    decode_processes: int = DECODE_PROCESSES
 
     def __post_init__(self) -> None:
         check_int(self.page_size, "page_size", 1, MAX_PAGE_SIZE)
+        check_int(self.decode_processes, "decode_processes", 0, 64)
         check_int(self.concurrency, "concurrency", 1, 1024)
         check_int(self.rows_per_part, "rows_per_part", 1, 100_000_000)
         if self.window is not None:
@@ -420,7 +434,9 @@ class Exporter:
         self._on_progress = on_progress
         # One limit for every target this exporter handles (export_many shares it).
         self._limiter = anyio.CapacityLimiter(options.concurrency)
-        self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        self._decode_limiter = anyio.CapacityLimiter(max(DECODE_THREADS, options.decode_processes))
+        self._decoder: DecodeProcesses | None = None
+        self._decoder_users = 0
 
     async def plan(self, target: TargetRef, dest: str) -> tuple[ExportPlan, JobStatus]:
         """Read the job's status and plan the export (refusing an unfinished job unless a
@@ -493,6 +509,28 @@ class Exporter:
                 dest=dest or None,
             )
 
+    @contextlib.asynccontextmanager
+    async def _decoding(self, pages: int) -> AsyncIterator[None]:
+        """Child decoding processes for the exports running inside (shared by the targets
+        of ``export_many``), if the options ask for them and ``pages`` are worth it; they
+        are stopped when the last export using them ends."""
+        if self._options.decode_processes == 0 or (
+            self._decoder is None and pages < PROCESS_MIN_PAGES
+        ):
+            yield
+            return
+        if self._decoder is None:
+            self._decoder = DecodeProcesses(self._options.decode_processes)
+        self._decoder_users += 1
+        try:
+            yield
+        finally:
+            self._decoder_users -= 1
+            if self._decoder_users == 0:
+                decoder, self._decoder = self._decoder, None
+                with anyio.CancelScope(shield=True):
+                    await _thread(decoder.close)
+
     def reader(self, plan: ExportPlan) -> RangeReader:
         """A range reader for ``plan``'s target."""
         return RangeReader(
@@ -504,6 +542,7 @@ class Exporter:
             decode_limiter=self._decode_limiter,
             window=self._options.pages_ahead,
             user_id=self._user_id,
+            decoder=self._decoder,
         )
 
     async def export(self, target: TargetRef, dest: str | Path | LocalDestination) -> ExportResult:
@@ -525,11 +564,13 @@ class Exporter:
         try:
             await _thread(enter)
             reused, todo, committed = await _thread(self._reconcile, store, plan)
-            reader = self.reader(plan)
-            progress = _Progress(self._on_progress, target, plan.lines, reader)
-            progress.add(sum(r.rows for r in reused))
+            pages = sum(part.rows for part in todo) // plan.page_size
             try:
-                written = await self._write_parts(store, plan, todo, reader, progress)
+                async with self._decoding(pages):
+                    reader = self.reader(plan)
+                    progress = _Progress(self._on_progress, target, plan.lines, reader)
+                    progress.add(sum(r.rows for r in reused))
+                    written = await self._write_parts(store, plan, todo, reader, progress)
             except BaseExceptionGroup as group:
                 try:
                     _reraise(group)

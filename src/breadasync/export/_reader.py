@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -99,6 +100,8 @@ class RangeReader:
         window: Pages fetched ahead of the consumer, at most: memory stays flat. Pages
             beyond one that waits for a retry go on being fetched, up to this bound.
         user_id: The user override, already resolved (``None``: none).
+        decoder: Child processes to decode pages in (``None``: decode in this process's
+            threads).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class RangeReader:
         decode_limiter: anyio.CapacityLimiter,
         window: int,
         user_id: str | None,
+        decoder: DecodeProcesses | None = None,
     ) -> None:
         self._client = client
         self._expected = expected_lines
@@ -120,6 +124,7 @@ class RangeReader:
         self._decode_limiter = decode_limiter
         self._window = window
         self._user_id = user_id
+        self._decode = decode_page if decoder is None else partial(decode_page, decoder=decoder)
         self._path = target_path(target.repo_name, target.target_name, "rollout", "output")
         self.requests = 0
         """Page requests made (a short page costs one more)."""
@@ -182,7 +187,7 @@ class RangeReader:
             try:
                 # Run to its end even when cancelled: no decode outlives the export.
                 decoded = await run_to_end(
-                    decode_page,
+                    self._decode,
                     response.body,
                     response.method,
                     response.path,
