@@ -417,8 +417,9 @@ def test_the_retry_budget_bounds_retries_to_a_share_of_first_attempts() -> None:
 
 
 def test_a_read_retries_soon_once_then_follows_the_schedule() -> None:
-    """A GET's first retry waits ``first_read_backoff`` (one flaky answer), its later ones
-    the schedule one step later; a POST keeps the schedule; Retry-After stays the floor."""
+    """A GET that failed without Retry-After retries after ``first_read_backoff`` (one flaky
+    answer), then on the schedule one step later; with Retry-After, and for a POST, the
+    schedule is unchanged (Retry-After its floor)."""
     policy = RetryPolicy(max_retries=4, initial_backoff=0.5, max_backoff=8, jitter=0.0)
 
     def gaps(
@@ -442,7 +443,8 @@ def test_a_read_retries_soon_once_then_follows_the_schedule() -> None:
 
     assert gaps("GET") == [0.05, 0.5, 1.0, 2.0]
     assert gaps("POST") == [0.5, 1.0, 2.0, 4.0]
-    assert gaps("GET", {"Retry-After": "1"}) == [1.0, 1.0, 1.0, 2.0]
+    assert gaps("GET", {"Retry-After": "1"}) == [1.0, 1.0, 2.0, 4.0]
+    assert gaps("POST", {"Retry-After": "1"}) == [1.0, 1.0, 2.0, 4.0]
     # A first_read_backoff above initial_backoff changes nothing.
     quick = RetryPolicy(max_retries=2, initial_backoff=0.01, jitter=0.0)
     assert gaps("GET", retry=quick) == [0.01, 0.02]

@@ -91,9 +91,9 @@ class RetryPolicy:
             ``initial_backoff`` (default 0.05). A read is idempotent, and one failed answer
             is most often one flaky instance or one dropped connection; the client-wide
             governor (pace cut on overload) and the retry budget, not each request's own
-            wait, are what protect a struggling service. Its later retries follow the
-            schedule one step later (``initial_backoff``, twice that, ...), and a
-            ``Retry-After`` is still the floor.
+            wait, are what protect a struggling service. Its later retries keep the
+            schedule (``initial_backoff * 2``, ...), so a call outlasts an outage as long
+            as before, and a ``Retry-After`` is still the floor.
     """
 
     max_retries: int = 5

@@ -80,15 +80,16 @@ def backoff(
     """Seconds to wait before retry number ``retry`` (0 for the first retry).
 
     Exponential with jitter, capped at ``max_backoff``; ``retry_after`` is a floor. A
-    ``read`` (a GET) waits ``first_read_backoff`` before its first retry if that is shorter,
-    and then follows the same schedule one step later (``initial_backoff``, twice that...).
+    ``read`` (a GET) whose failure came without a ``Retry-After`` (a 500, a dropped
+    connection) waits ``first_read_backoff`` before its first retry if that is shorter, and
+    then follows the schedule one step later (``initial_backoff``, twice that...); with a
+    ``Retry-After`` (the service's own signal, and overload's) the schedule is unchanged.
     """
     step = retry
-    if read:
-        if retry == 0 and policy.first_read_backoff < policy.initial_backoff:
-            return _jittered(policy, policy.first_read_backoff, retry_after, rng)
-        if policy.first_read_backoff < policy.initial_backoff:
-            step = retry - 1
+    if read and retry_after is None and policy.first_read_backoff < policy.initial_backoff:
+        if retry == 0:
+            return _jittered(policy, policy.first_read_backoff, None, rng)
+        step = retry - 1
     base = min(policy.max_backoff, policy.initial_backoff * (2.0 ** min(step, 60)))
     return _jittered(policy, base, retry_after, rng)
 
