@@ -5,8 +5,9 @@ The emulator runs in its own process with 20 ms added to every answer; its page 
 warmed first so it serves every variant the same bytes at the same speed. Each variant runs
 in a process of its own (so its peak RSS is its own), one after the other in this run:
 
-(a) breadasync ``client.export_rollout`` (16 pages in flight, zstd), decoding in threads
-    of its own process (``decode_processes=0``) and in 1 and 2 child processes;
+(a) breadasync ``client.export_rollout`` (16 pages in flight, zstd) with its defaults
+    (one decoding child process), decoding in threads of its own process
+    (``decode_processes=0``), and with 2 child processes;
 (b) the official SDK's loop: sequential ``rollout.get_output`` pages,
     ``pa.Table.from_pylist``, one ``ParquetWriter``;
 (c) the same with ``AsyncBread`` and ``asyncio.gather`` under a semaphore of 16;
@@ -58,20 +59,16 @@ from benchmarks._common import (
 LATENCY = 0.02
 CONCURRENCY = 16
 TRIED = (
-    "What was tried to go faster, measured here on 1000-row pages (decode and convert to "
-    "Arrow, per page): orjson then Python lists to Arrow, 6.8 ms with the GIL held "
-    "throughout (two decoding threads then left the event loop a p99 lag of 16-20 ms); "
-    "Arrow's JSON reader for the documented columns plus orjson for `extra`, 5.7 ms; "
-    "Arrow's reader for `extra` too wherever its reading is provably exact (no `null` in "
-    "the page, no whole-number floats, no inferred timestamps; else orjson), 3.7 ms, of "
-    "which the parse (1.6 ms) runs without the GIL. Decoding threads (300,000 rows): one, "
-    "133k rows/s and p99 lag 4.5 ms; two, 195k rows/s and 6.0 ms; three, slower with more "
-    "lag, so two it is. Yielding the GIL once per page after Arrow's parse took the p99 lag "
-    "from 7.4 to 6.4 ms. The ceiling decodes one page after another in one thread with the "
-    "same code, so breadasync, which overlaps decoding with the network and the writer, "
-    "could pass it only with decoding spread over more cores than these two (shared with "
-    "the emulator); a process pool for decoding was not tried, since each worker would "
-    "cost its own ~100 MB and this machine has no idle core to give it."
+    "What was tried: decoding in threads of the exporting process holds its GIL for the "
+    "whole page (orjson, the hostile-body checks, Python values to Arrow), so the event "
+    "loop waits behind it (the lag above) and a second core helps little; Arrow's JSON "
+    "reader releases the GIL but cannot tell an explicit `null` from an absent key, so it "
+    "cannot be exact alone on realistic pages. Decoding in child processes (the rows "
+    "above with 1 and 2 decoding processes; the default is the one that measured best) "
+    "moves that work off the loop's GIL at the cost of an Arrow IPC round trip per page "
+    "and a child's start-up, during which pages decode in-process. The window of pages "
+    "fetched ahead is `concurrency * 4096` rows, so one page waiting for its retry does "
+    "not stall the fetches beyond it (benchmarks/goodput.py)."
 )
 PAGE = 1000
 PART_ROWS = 10_000
@@ -130,7 +127,7 @@ async def verify(url: str, key: str, target: str, out: Path, fields: list[str] |
 
 
 async def variant_breadasync(
-    url: str, key: str, target: str, out: Path, processes: int = 0
+    url: str, key: str, target: str, out: Path, processes: int | None = None
 ) -> dict[str, Any]:
     from breadasync import BreadClient
 
@@ -178,8 +175,8 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-async def variant_breadasync_1p(url: str, key: str, target: str, out: Path) -> dict[str, Any]:
-    return await variant_breadasync(url, key, target, out, processes=1)
+async def variant_breadasync_threads(url: str, key: str, target: str, out: Path) -> dict[str, Any]:
+    return await variant_breadasync(url, key, target, out, processes=0)
 
 
 async def variant_breadasync_2p(url: str, key: str, target: str, out: Path) -> dict[str, Any]:
@@ -298,7 +295,7 @@ async def variant_ceiling(url: str, key: str, target: str, out: Path) -> dict[st
 
 VARIANTS: dict[str, Any] = {
     "breadasync": variant_breadasync,
-    "breadasync, 1 decoding process": variant_breadasync_1p,
+    "breadasync, decoding in threads": variant_breadasync_threads,
     "breadasync, 2 decoding processes": variant_breadasync_2p,
     "sdk-sequential": variant_sdk_sequential,
     "sdk-gather": variant_sdk_gather,
@@ -326,6 +323,8 @@ def child(name: str, url: str, key: str, target: str, out: str) -> None:
         else func(url, key, target, dest)
     )
     result["peak_rss_mb"] = peak_rss_mb()
+    # The decoding children are stopped by now: the largest one's peak.
+    result["child_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     fields = None if name.startswith("breadasync") else CHECKED.get(name)
     result["verified_rows"] = asyncio.run(verify(url, key, target, dest, fields))
     assert result["verified_rows"] == result["rows"], result
@@ -417,7 +416,8 @@ def main() -> None:
             f"{r['seconds']:.1f} s",
             f"{rate[name]:,.0f}",
             f"{rate['breadasync'] / rate[name]:.2f}x",
-            f"{r['peak_rss_mb']:,.0f} MB",
+            f"{r['peak_rss_mb']:,.0f} MB"
+            + (f" (+{r['child_rss_mb']:,.0f} MB child)" if r.get("child_rss_mb") else ""),
             f"{r['cpu_s']:.1f} s" if "cpu_s" in r else "",
             f"{r['verified_rows']:,}",
         ]
