@@ -66,7 +66,9 @@ TRIED = (
     "cannot be exact alone on realistic pages. Decoding in child processes (the rows "
     "above with 1 and 2 decoding processes; the default is the one that measured best) "
     "moves that work off the loop's GIL at the cost of an Arrow IPC round trip per page "
-    "and a child's start-up, during which pages decode in-process. The window of pages "
+    "and a child's start-up. Decoding in-process while the child starts (a hybrid) was "
+    "tried and dropped: those first pages grew the parent's heap and loop lag as much as "
+    "threads do for the whole export. The window of pages "
     "fetched ahead is `concurrency * 4096` rows, so one page waiting for its retry does "
     "not stall the fetches beyond it (benchmarks/goodput.py)."
 )

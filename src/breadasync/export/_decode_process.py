@@ -130,21 +130,6 @@ class DecodeProcesses:
         self._lock = threading.Lock()
         self._free = threading.Semaphore(processes)
         self._closed = False
-        self._warm = False
-        self._warming = False
-
-    def claim(self) -> bool:
-        """Whether the caller should decode its page here: yes once a child has answered;
-        before that, only the first caller (whose page waits for the child's start-up,
-        about a second of Python and pyarrow imports), so the others decode in their own
-        process meanwhile instead of queueing behind the start."""
-        if self._warm:
-            return True
-        with self._lock:
-            if self._warming:
-                return False
-            self._warming = True
-            return True
 
     def decode(
         self, body: bytes, method: str, path: str, status: int, offset: int, limit: int
@@ -157,15 +142,8 @@ class DecodeProcesses:
         with self._free:
             child = self._take()
             try:
-                result = child.decode(body, method, path, status, offset, limit)
-                self._warm = True
-                return result
-            except DataIntegrityError:
-                self._warm = True  # the child answered: it is up
-                raise
+                return child.decode(body, method, path, status, offset, limit)
             finally:
-                with self._lock:
-                    self._warming = self._warm and self._warming
                 self._give_back(child)
 
     def _take(self) -> _Child:

@@ -124,7 +124,7 @@ class RangeReader:
         self._decode_limiter = decode_limiter
         self._window = window
         self._user_id = user_id
-        self._decoder = decoder
+        self._decode = decode_page if decoder is None else partial(decode_page, decoder=decoder)
         self._path = target_path(target.repo_name, target.target_name, "rollout", "output")
         self.requests = 0
         """Page requests made (a short page costs one more)."""
@@ -186,14 +186,8 @@ class RangeReader:
             self.requests += 1
             try:
                 # Run to its end even when cancelled: no decode outlives the export.
-                decoder = self._decoder
-                decode = (
-                    partial(decode_page, decoder=decoder)
-                    if decoder is not None and decoder.claim()
-                    else decode_page
-                )
                 decoded = await run_to_end(
-                    decode,
+                    self._decode,
                     response.body,
                     response.method,
                     response.path,
