@@ -30,7 +30,9 @@ ROWS = 24_000
 PAGE = 250
 PART = 1000
 CONCURRENCY = 4
-WINDOW = CONCURRENCY + 8  # the default window: pages fetched ahead of the writer
+WINDOW = CONCURRENCY + 8
+"""Pages fetched ahead of the writer, given explicitly: the default window is sized for
+goodput (``concurrency * WINDOW_ROWS_PER_REQUEST`` rows), and the bound is in its terms."""
 BOUND = PART + WINDOW * PAGE
 
 
@@ -83,7 +85,8 @@ async def test_a_kill_loses_at_most_a_part_and_the_window(killer: KillAt, tmp_pa
             async with BreadClient(retry=retry) as client:
                 await client.export_rollout(
                     "t", repo_name="r", dest={str(dest)!r}, page_size={PAGE},
-                    rows_per_part={PART}, concurrency={CONCURRENCY})
+                    rows_per_part={PART}, concurrency={CONCURRENCY},
+                    window={WINDOW})
         asyncio.run(main())
     """)
     env = {**os.environ, "BREAD_API_KEY": killer.api_key, "BREAD_BASE_URL": killer.url or ""}

@@ -28,9 +28,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.timeout(600)
 def test_ruff_lint_and_format() -> None:
-    lint = _run("ruff", "check", "src", "tests", "benchmarks")
+    lint = _run("ruff", "check", "src", "tests", "benchmarks", "examples")
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    fmt = _run("ruff", "format", "--check", "src", "tests", "benchmarks")
+    fmt = _run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples")
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 

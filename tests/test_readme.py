@@ -78,7 +78,7 @@ async def test_the_first_example_works_from_scratch(
             "20 rows in 1 Parquet file(s) in first_target/",
         ]
     assert emulator.stats.jobs_started("stim") == emulator.stats.jobs_started("rollout") == 1
-    assert (tmp_path / "first_target" / "_manifest.json").exists()
+    assert (tmp_path / "first_target" / "_manifest.parquet").exists()
 
 
 async def test_the_python_examples(

@@ -197,14 +197,15 @@ def test_true_overload_is_not_hammered() -> None:
 @pytest.mark.parametrize("how", ["refused", "502"])
 def test_an_outage_is_probed_gently_and_left_at_once(how: str) -> None:
     """A total outage for 10 s: within 4 s the client is down to about one request a
-    second; in the first second after the service's return it sends 40% of its earlier
-    rate, and 90% in the next (measured: 387 and 772 of 800)."""
+    second; in the first second after the service's return it sends 35% of its earlier
+    rate, and 90% in the next (measured: 312-387 and 772 of 800; a GET's shorter first
+    backoff moves when the last failures land, and with them the pace's regrowth)."""
     run = drive(Failing(how, 2.0, 12.0), duration=15.0, workers=32)
     per_second = run.per_second()
     before = per_second[1]  # 32 callers, 40 ms round trips: 800 a second
     assert before == 800
     assert all(per_second[s] <= 2 * MIN_RATE for s in range(6, 12))
-    assert per_second[12] >= 0.4 * before
+    assert per_second[12] >= 0.35 * before
     assert per_second[13] >= 0.9 * before
     assert run.between(12.0, 15.0).count(200) == len(run.between(12.0, 15.0))
 

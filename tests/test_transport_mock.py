@@ -4,6 +4,7 @@ a MockTransport answers, and the event loop's time is virtual (nothing really sl
 from __future__ import annotations
 
 import email.utils
+import itertools
 import logging
 import random
 import ssl
@@ -413,3 +414,80 @@ def test_the_retry_budget_bounds_retries_to_a_share_of_first_attempts() -> None:
     assert budget.withdraw() == pytest.approx(1 / RETRY_PER_SECOND)
     clock.t += 1.0  # and time earns RETRY_PER_SECOND a second
     assert sum(budget.withdraw() == 0 for _ in range(50)) == RETRY_PER_SECOND
+
+
+def test_a_read_retries_soon_once_then_follows_the_schedule() -> None:
+    """A GET that failed without Retry-After retries after ``first_read_backoff`` (one flaky
+    answer), then on the schedule one step later; with Retry-After, and for a POST, the
+    schedule is unchanged (Retry-After its floor)."""
+    policy = RetryPolicy(max_retries=4, initial_backoff=0.5, max_backoff=8, jitter=0.0)
+
+    def gaps(
+        method: str, headers: dict[str, str] | None = None, retry: RetryPolicy = policy
+    ) -> list[float]:
+        sent: list[float] = []
+
+        async def handler(request: TransportRequest) -> TransportResponse:
+            sent.append(CLOCK.now())
+            return TransportResponse(500, headers or {}, b"{}")
+
+        transport, _ = make(handler, retry=retry)
+
+        async def main() -> None:
+            with pytest.raises(APIStatusError):
+                await transport.request(method, "/v1/x")
+            await transport.aclose()
+
+        virtual(main)
+        return [round(b - a, 6) for a, b in itertools.pairwise(sent)]
+
+    assert gaps("GET") == [0.05, 0.5, 1.0, 2.0]
+    assert gaps("POST") == [0.5, 1.0, 2.0, 4.0]
+    assert gaps("GET", {"Retry-After": "1"}) == [1.0, 1.0, 2.0, 4.0]
+    assert gaps("POST", {"Retry-After": "1"}) == [1.0, 1.0, 2.0, 4.0]
+    # A first_read_backoff above initial_backoff changes nothing.
+    quick = RetryPolicy(max_retries=2, initial_backoff=0.01, jitter=0.0)
+    assert gaps("GET", retry=quick) == [0.01, 0.02]
+
+
+def test_caller_slots_are_held_by_attempts_not_by_waits() -> None:
+    """A caller's own cap (the exporter's ``concurrency``) passed as ``slots`` bounds the
+    attempts in flight, and a request waiting out its Retry-After leaves its slot free:
+    with one slot, a second request goes out during the first one's wait."""
+    slots = anyio.CapacityLimiter(1)
+    sent: list[tuple[str, float]] = []
+    in_flight = peak = 0
+    refused = False
+
+    async def handler(request: TransportRequest) -> TransportResponse:
+        nonlocal in_flight, peak, refused
+        in_flight += 1
+        peak = max(peak, in_flight)
+        sent.append((request.path, CLOCK.now()))
+        await CLOCK.sleep(0.01)
+        in_flight -= 1
+        if request.path == "/v1/slow" and not refused:
+            refused = True
+            return TransportResponse(503, {"Retry-After": "2"}, b"{}")
+        return TransportResponse(200, {}, b"{}")
+
+    transport, _ = make(handler)
+
+    async def main() -> None:
+        async def fast() -> None:
+            await CLOCK.sleep(0.1)  # after the slow one's first answer
+            for _ in range(10):
+                await transport.request("GET", "/v1/fast", slots=slots)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fast)
+            await transport.request("GET", "/v1/slow", slots=slots)
+        await transport.aclose()
+
+    virtual(main)
+    assert peak == 1
+    slow = [t for path, t in sent if path == "/v1/slow"]
+    fast_times = [t for path, t in sent if path == "/v1/fast"]
+    assert slow[1] - slow[0] >= 2.0
+    assert len(fast_times) == 10
+    assert all(slow[0] < t < slow[1] for t in fast_times)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
+import anyio
+
 from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
 from ._errors import ProtocolError
 from ._models import JobStatus, Origin, TargetRef, parse_job
@@ -106,10 +108,19 @@ class Api:
         except ProtocolError as exc:
             raise self.scrubbed(exc) from None
 
-    async def get_raw(self, path: str, params: Mapping[str, Any], user_id: str | None) -> Response:
+    async def get_raw(
+        self,
+        path: str,
+        params: Mapping[str, Any],
+        user_id: str | None,
+        slots: anyio.CapacityLimiter | None = None,
+    ) -> Response:
         """A GET whose body the caller decodes (the exporter, off the event loop);
-        ``user_id`` is already resolved (:meth:`user`)."""
-        return await self._transport.request("GET", path, params=params, user_id=user_id)
+        ``user_id`` is already resolved (:meth:`user`); ``slots`` is held by each attempt
+        in flight, not by the waits between them (see :meth:`Transport.request`)."""
+        return await self._transport.request(
+            "GET", path, params=params, user_id=user_id, slots=slots
+        )
 
     async def get_job(
         self,

@@ -341,6 +341,7 @@ class BreadClient:
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ProgressCallback[ExportProgress] | None = None,
+        decode_processes: int | None = None,
     ) -> ExportResult:
         """Export a rollout's output to Parquet files in the folder or prefix ``dest``.
 
@@ -362,6 +363,8 @@ class BreadClient:
                 stored (:class:`~breadasync.export.ExportOptions`).
             on_progress: Called with an :class:`~breadasync.export.ExportProgress` as pages
                 are written.
+            decode_processes: Child processes that decode pages (0: threads of this
+                process; default: :class:`~breadasync.export.ExportOptions`' default).
             dest: A folder path; a URI (``s3://bucket/prefix``, ``gs://``, ``abfs://``,
                 ``file://``; pyarrow's URI options such as ``?endpoint_override=``); a
                 ``(pyarrow.fs.FileSystem, path)`` or ``(fsspec filesystem, path)`` pair; or a
@@ -392,6 +395,8 @@ class BreadClient:
             allow_partial,
             columns,
         )
+        if decode_processes is not None:
+            options = replace(options, decode_processes=decode_processes)
         exporter = Exporter(self._api, options, user_id, on_progress=on_progress)
         return await exporter.export(target, dest)
 
@@ -412,6 +417,7 @@ class BreadClient:
         window: int | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
         on_progress: ProgressCallback[ExportProgress] | None = None,
+        decode_processes: int | None = None,
     ) -> ExportResults:
         """Export many targets into one dataset folder, ``dest/repo=R/target=T/``.
 
@@ -434,6 +440,8 @@ class BreadClient:
             allow_partial,
             columns,
         )
+        if decode_processes is not None:
+            options = replace(options, decode_processes=decode_processes)
         return await export_many(
             Exporter(self._api, options, user_id, on_progress=on_progress),
             targets,

@@ -87,6 +87,13 @@ class RetryPolicy:
         jitter: Fraction of the backoff taken off at random, 0..1 (default 0.25).
         max_retry_after: The longest ``Retry-After`` the client will wait out (default 60);
             beyond it the error is raised at once.
+        first_read_backoff: Seconds before the first retry of a GET, when shorter than
+            ``initial_backoff`` (default 0.05). A read is idempotent, and one failed answer
+            is most often one flaky instance or one dropped connection; the client-wide
+            governor (pace cut on overload) and the retry budget, not each request's own
+            wait, are what protect a struggling service. Its later retries keep the
+            schedule (``initial_backoff * 2``, ...), so a call outlasts an outage as long
+            as before, and a ``Retry-After`` is still the floor.
     """
 
     max_retries: int = 5
@@ -94,10 +101,11 @@ class RetryPolicy:
     max_backoff: float = 8.0
     jitter: float = 0.25
     max_retry_after: float = 60.0
+    first_read_backoff: float = 0.05
 
     def __post_init__(self) -> None:
         check_int(self.max_retries, "max_retries", 0, error=ConfigError)
-        for name in ("initial_backoff", "max_backoff", "max_retry_after"):
+        for name in ("initial_backoff", "max_backoff", "max_retry_after", "first_read_backoff"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"RetryPolicy.{name} must be >= 0, got {value!r}")

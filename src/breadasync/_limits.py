@@ -39,7 +39,7 @@ with 64 callers against a service that answers every request with 503 for 10 s, 
 sends at most 250 requests in those 10 s (183 measured: 64 a second while the first
 Retry-Afters run, then about one a second); within 4 s of the start of a total outage
 the pace is ``MIN_RATE``; in the first second after the service returns the client sends
-at least 40% of its earlier rate, and 90% in the next. Under an unknown limit of R = 50,
+at least 35% of its earlier rate, and 90% in the next. Under an unknown limit of R = 50,
 300 or 1000 requests/s it sends at least 0.85 R from 5 s on, under 2% of it throttled.
 """
 

@@ -70,13 +70,33 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
 
 
 def backoff(
-    policy: RetryPolicy, retry: int, retry_after: float | None, rng: random.Random | None = None
+    policy: RetryPolicy,
+    retry: int,
+    retry_after: float | None,
+    rng: random.Random | None = None,
+    *,
+    read: bool = False,
 ) -> float:
     """Seconds to wait before retry number ``retry`` (0 for the first retry).
 
-    Exponential with jitter, capped at ``max_backoff``; ``retry_after`` is a floor.
+    Exponential with jitter, capped at ``max_backoff``; ``retry_after`` is a floor. A
+    ``read`` (a GET) whose failure came without a ``Retry-After`` (a 500, a dropped
+    connection) waits ``first_read_backoff`` before its first retry if that is shorter, and
+    then follows the schedule one step later (``initial_backoff``, twice that...); with a
+    ``Retry-After`` (the service's own signal, and overload's) the schedule is unchanged.
     """
-    base = min(policy.max_backoff, policy.initial_backoff * (2.0 ** min(retry, 60)))
+    step = retry
+    if read and retry_after is None and policy.first_read_backoff < policy.initial_backoff:
+        if retry == 0:
+            return _jittered(policy, policy.first_read_backoff, None, rng)
+        step = retry - 1
+    base = min(policy.max_backoff, policy.initial_backoff * (2.0 ** min(step, 60)))
+    return _jittered(policy, base, retry_after, rng)
+
+
+def _jittered(
+    policy: RetryPolicy, base: float, retry_after: float | None, rng: random.Random | None
+) -> float:
     draw = (rng or random).random()
     wait = base * (1.0 - policy.jitter * draw)
     if retry_after is not None:

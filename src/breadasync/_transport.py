@@ -247,8 +247,15 @@ class Transport:
         user_id: str | None = None,
         timeouts: Timeouts | None = None,
         idempotency_key: str | None = None,
+        slots: anyio.CapacityLimiter | None = None,
     ) -> Response:
         """Send a request, retrying per the policy, and return the 2xx answer.
+
+        ``slots``, if given, is held by each attempt while it waits for the governor and
+        is in flight, not during the waits between attempts (backoff, ``Retry-After``): a
+        caller's own cap on requests in flight (the exporter's ``concurrency``) is then not
+        taken up by requests that are only waiting, so one slow retry does not idle the
+        others.
 
         Raises:
             APIStatusError: The service answered an error status (after retries if any).
@@ -279,27 +286,33 @@ class Transport:
                     method=method,
                     path=shown,
                 )
-            ticket = await self._admit(method, shown, attempt, deadline, error)
-            remaining = deadline - clock.now()
-            attempt_request = TransportRequest(
-                method=method,
-                url=str(url),
-                path=shown,
-                headers=headers,
-                content=data,
-                connect_timeout=timeouts.connect,
-                read_timeout=timeouts.read,
-                # No attempt may outlive the call's total timeout.
-                timeout=max(min(timeouts.request, remaining), 0.001),
-                max_body_bytes=self.limits.max_body_bytes,
-            )
-            self._stats.requests += 1
+            if slots is not None:
+                await slots.acquire()
             try:
-                outcome = await self._attempt(attempt_request)
-            except BaseException:
-                self._governor.finish(ticket, None)
-                raise
-            self._governor.finish(ticket, self._verdict(outcome))
+                ticket = await self._admit(method, shown, attempt, deadline, error)
+                remaining = deadline - clock.now()
+                attempt_request = TransportRequest(
+                    method=method,
+                    url=str(url),
+                    path=shown,
+                    headers=headers,
+                    content=data,
+                    connect_timeout=timeouts.connect,
+                    read_timeout=timeouts.read,
+                    # No attempt may outlive the call's total timeout.
+                    timeout=max(min(timeouts.request, remaining), 0.001),
+                    max_body_bytes=self.limits.max_body_bytes,
+                )
+                self._stats.requests += 1
+                try:
+                    outcome = await self._attempt(attempt_request)
+                except BaseException:
+                    self._governor.finish(ticket, None)
+                    raise
+                self._governor.finish(ticket, self._verdict(outcome))
+            finally:
+                if slots is not None:
+                    slots.release()
             if isinstance(outcome, Response):
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
@@ -312,7 +325,7 @@ class Transport:
                     )
                 return outcome
             error = outcome
-            wait = self._next_wait(error, attempt, deadline, timeouts)
+            wait = self._next_wait(error, attempt, deadline, timeouts, read=method == "GET")
             if log.isEnabledFor(logging.DEBUG):
                 then = "giving up" if wait is None else f"retrying in {wait:.2f} s"
                 log.debug(
@@ -344,7 +357,13 @@ class Transport:
         raise APITimeoutError(f"{method} {shown}: not sent: {why}", method=method, path=shown)
 
     def _next_wait(
-        self, error: APIError, attempt: int, deadline: float, timeouts: Timeouts
+        self,
+        error: APIError,
+        attempt: int,
+        deadline: float,
+        timeouts: Timeouts,
+        *,
+        read: bool = False,
     ) -> float | None:
         """Seconds before the next attempt, or ``None`` to give up (``error`` is then final,
         its ``attempts`` and message updated)."""
@@ -373,7 +392,7 @@ class Transport:
             )
             return None
         # The wait is this request's own: Retry-After is a floor for it, not for the client.
-        wait = backoff(policy, attempt, retry_after, self._rng)
+        wait = backoff(policy, attempt, retry_after, self._rng, read=read)
         if self._clock.now() + wait > deadline:
             _gave_up(
                 error,

@@ -9,9 +9,10 @@ another export is never touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -43,6 +44,7 @@ from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name, target_
 from breadasync._version import __version__
 
 from ._commit import PartWriter, commit, in_mode, reconcile, refuse_single_export
+from ._decode_process import DecodeProcesses
 from ._dest import Destination, DestinationLike, resolve_destination
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part
 from ._reader import Page, RangeReader
@@ -59,6 +61,21 @@ FORMAT = "breadasync-export"
 DECODE_THREADS = 2
 """Threads decoding pages. Arrow's JSON parser releases the GIL, so two keep two cores busy;
 more only add contention with the event loop (measured in benchmarks/RESULTS.md)."""
+DECODE_PROCESSES = 1
+"""Default child processes decoding pages (see :class:`ExportOptions`), chosen by
+measurement (``benchmarks/export.py``, 200,000 realistic rows, side by side): one child took
+the event loop's p99 lag from 48 to 14 ms and the exporting process's peak RSS from 302 to
+180 MB, for about 10% more CPU in all (the Arrow IPC round trip); a second child added CPU
+and lag on two cores without adding throughput."""
+PROCESS_MIN_PAGES = 50
+"""Below this many pages to fetch, an export decodes in threads: starting a child (a Python
+with pyarrow, some 0.3 s of CPU) costs more than it saves."""
+WINDOW_ROWS_PER_REQUEST = 4096
+"""Rows fetched ahead of the writer by default, per page request in flight
+(``concurrency``): 65,536 at the default 16. A page that waits for its retry (a 503's
+``Retry-After: 1``) then holds back the writer, not the fetches beyond it, as long as the
+window holds about a second of the export's throughput, which grows with ``concurrency``.
+At about 0.6 KB a decoded realistic row, 65,536 rows are some 40 MB."""
 ROWS_PER_PART = 10_000
 """Default rows per part file. A part is the unit a killed export keeps: what a kill can
 lose is the part being written plus the pages fetched ahead of it (``rows_per_part +
@@ -73,7 +90,9 @@ class ExportOptions:
     Attributes:
         page_size: Rows asked per page, 1..1000 (default 1000, the most the API gives).
         concurrency: Page requests in flight (default 16; the client's limits apply too).
-        window: Pages fetched ahead of the writer (default ``concurrency + 8``).
+        window: Pages fetched ahead of the writer (default: ``concurrency + 8`` pages or
+            ``concurrency *`` :data:`WINDOW_ROWS_PER_REQUEST` rows, whichever is more;
+            pages beyond one that waits for its retry go on being fetched within it).
         rows_per_part: Rows per Parquet file (default :data:`ROWS_PER_PART`, 10,000: the
             most a killed export loses, with the pages fetched ahead).
         compression: Parquet compression (default ``"zstd"``).
@@ -84,6 +103,11 @@ class ExportOptions:
             ``"typed"``: the known ones (``messages``, ``usage``, ``finish_reason``,
             ``reward``, ``tool_calls``) as typed columns, what does not fit them in
             ``extra`` (see :mod:`breadasync.export._schema`).
+        decode_processes: Child processes that decode pages (exactly as this process
+            would, sending Arrow IPC back), so decoding holds no GIL of the event loop's
+            process; 0 decodes in threads of this one (default :data:`DECODE_PROCESSES`).
+            Exports of fewer than :data:`PROCESS_MIN_PAGES` pages always decode in threads
+            (a child costs a Python start-up).
     """
 
     page_size: int = MAX_PAGE_SIZE
@@ -94,10 +118,12 @@ class ExportOptions:
     resume: bool = True
     allow_partial: bool = False
     columns: ColumnMode = "json"
+    decode_processes: int = DECODE_PROCESSES
 
     def __post_init__(self) -> None:
         check_columns(self.columns)
         check_int(self.page_size, "page_size", 1, MAX_PAGE_SIZE)
+        check_int(self.decode_processes, "decode_processes", 0, 64)
         check_int(self.concurrency, "concurrency", 1, 1024)
         check_int(self.rows_per_part, "rows_per_part", 1, 100_000_000)
         if self.window is not None:
@@ -107,8 +133,10 @@ class ExportOptions:
 
     @property
     def pages_ahead(self) -> int:
-        """The window in pages."""
-        return self.window or self.concurrency + 8
+        """The window in pages: ``window``, else ``concurrency + 8`` pages or
+        ``concurrency *`` :data:`WINDOW_ROWS_PER_REQUEST` rows, whichever is more."""
+        rows = self.concurrency * WINDOW_ROWS_PER_REQUEST
+        return self.window or max(self.concurrency + 8, -(-rows // self.page_size))
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +353,9 @@ class Exporter:
         self._on_progress = on_progress
         # One limit for every target this exporter handles (export_many shares it).
         self._limiter = anyio.CapacityLimiter(options.concurrency)
-        self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        self._decode_limiter = anyio.CapacityLimiter(max(DECODE_THREADS, options.decode_processes))
+        self._decoder: DecodeProcesses | None = None
+        self._decoder_users = 0
 
     async def plan(self, target: TargetRef, dest: str) -> tuple[ExportPlan, JobStatus]:
         """Read the job's status and plan the export (refusing an unfinished job unless a
@@ -398,6 +428,28 @@ class Exporter:
                 dest=dest or None,
             )
 
+    @contextlib.asynccontextmanager
+    async def _decoding(self, pages: int) -> AsyncIterator[None]:
+        """Child decoding processes for the exports running inside (shared by the targets
+        of ``export_many``), if the options ask for them and ``pages`` are worth it; they
+        are stopped when the last export using them ends."""
+        if self._options.decode_processes == 0 or (
+            self._decoder is None and pages < PROCESS_MIN_PAGES
+        ):
+            yield
+            return
+        if self._decoder is None:
+            self._decoder = DecodeProcesses(self._options.decode_processes)
+        self._decoder_users += 1
+        try:
+            yield
+        finally:
+            self._decoder_users -= 1
+            if self._decoder_users == 0:
+                decoder, self._decoder = self._decoder, None
+                with anyio.CancelScope(shield=True):
+                    await _thread(decoder.close)
+
     def reader(self, plan: ExportPlan) -> RangeReader:
         """A range reader for ``plan``'s target."""
         return RangeReader(
@@ -410,6 +462,7 @@ class Exporter:
             window=self._options.pages_ahead,
             user_id=self._user_id,
             columns=self._options.columns,
+            decoder=self._decoder,
         )
 
     async def export(self, target: TargetRef, dest: DestinationLike) -> ExportResult:
@@ -433,11 +486,13 @@ class Exporter:
         try:
             await _thread(enter)
             reused, todo, committed = await _thread(self._reconcile, store, plan)
-            reader = self.reader(plan)
-            progress = _Progress(self._on_progress, target, plan.lines, reader)
-            progress.add(sum(r.rows for r in reused))
+            pages = sum(part.rows for part in todo) // plan.page_size
             try:
-                written = await self._write_parts(store, plan, todo, reader, progress)
+                async with self._decoding(pages):
+                    reader = self.reader(plan)
+                    progress = _Progress(self._on_progress, target, plan.lines, reader)
+                    progress.add(sum(r.rows for r in reused))
+                    written = await self._write_parts(store, plan, todo, reader, progress)
             except BaseExceptionGroup as group:
                 try:
                     _reraise(group)

@@ -96,12 +96,16 @@ class RangeReader:
         expected_lines: The ``lines`` the export planned for. On a complete job every page
             must report exactly this; on a partial export it may only grow.
         complete: Whether the job was complete when the export began.
-        limiter: Bounds page requests in flight (shared by the targets of one export).
+        limiter: Bounds page requests in flight (shared by the targets of one export); a
+            page waiting to retry does not hold it.
         decode_limiter: Bounds decoding threads (decoding still needs the GIL at times, so
             more threads than cores only contend).
-        window: Pages fetched ahead of the consumer, at most: memory stays flat.
+        window: Pages fetched ahead of the consumer, at most: memory stays flat. Pages
+            beyond one that waits for a retry go on being fetched, up to this bound.
         user_id: The user override, already resolved (``None``: none).
         columns: The column mode of the batches (``"json"`` or ``"typed"``).
+        decoder: Child processes to decode pages in (``None``: decode in this process's
+            threads).
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class RangeReader:
         window: int,
         user_id: str | None,
         columns: ColumnMode = "json",
+        decoder: DecodeProcesses | None = None,
     ) -> None:
         self._client = client
         self._expected = expected_lines
@@ -125,7 +130,7 @@ class RangeReader:
         self._window = window
         self._user_id = user_id
         self._columns = columns
-        self._decode = functools.partial(decode_page, columns=columns)
+        self._decode = functools.partial(decode_page, columns=columns, decoder=decoder)
         self._path = target_path(target.repo_name, target.target_name, "rollout", "output")
         self.requests = 0
         """Page requests made (a short page costs one more)."""
@@ -179,10 +184,11 @@ class RangeReader:
         offset, end = page.offset, page.offset + page.limit
         while offset < end:
             limit = end - offset
-            async with self._limiter:
-                response = await self._client.get_raw(
-                    self._path, {"limit": limit, "offset": offset}, self._user_id
-                )
+            # The limiter bounds attempts in flight, not pages waiting for a retry: a page
+            # held back by a backoff or a Retry-After leaves its slot to the pages beyond it.
+            response = await self._client.get_raw(
+                self._path, {"limit": limit, "offset": offset}, self._user_id, self._limiter
+            )
             self.requests += 1
             try:
                 # Run to its end even when cancelled: no decode outlives the export.
