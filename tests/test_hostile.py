@@ -41,7 +41,7 @@ from breadasync import (
 from breadasync.emulator import DEFAULT_MODEL, Emulator, Faults, RowShape, TargetPlan
 from breadasync.emulator import trajectory_row as expected_row
 from breadasync.export import batch_to_rows, hive_segment
-from tests.conftest import quiet, wait_until
+from tests.conftest import quiet, record_figures, wait_until
 
 SCRIPT = Path(sys.executable).with_name("breadasync")
 COMBINED = Faults(
@@ -63,10 +63,7 @@ def report(capsys: pytest.CaptureFixture[str], text: str, **figures: Any) -> Non
     ``benchmarks/reliability.py``, which collects them into RELIABILITY.md."""
     with capsys.disabled():
         print(f"\n    [hostile] {text}")
-    sink = os.environ.get("BREADASYNC_RELIABILITY_FIGURES")
-    if sink:
-        with open(sink, "a") as file:
-            file.write(json.dumps(figures) + "\n")
+    record_figures("scenarios", **figures)
 
 
 def verify_parts(folder: Path, repo: str, target: str, shape: RowShape) -> int:
