@@ -364,6 +364,17 @@ def named(case: Case, message: str) -> int:
     return offset
 
 
+def brief(case: Case, message: str) -> str:
+    """Where an error says the fault was, and why, shortly (for RELIABILITY.md)."""
+    offset = named(case, message)
+    at = f"page at offset {offset:,}" if offset >= 0 else "status request"
+    reason = message.split(" -> ", 1)[-1].split(": ", 1)[-1] if " -> " in message else message
+    if " -> " not in message:
+        reason = message.split(": ", 1)[-1]
+    reason = reason.removeprefix("the answer is ").split(";")[0]
+    return f"{at}: {reason[:80]}"
+
+
 def cli_export(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str, float]:
     """The CLI's ``export`` in-process: exit code, stdout, stderr, client CPU seconds."""
     argv = ["export", "--repo", "r", "t", "--out", str(folder)]
@@ -460,7 +471,7 @@ def test_a_hostile_answer_ends_typed_in_the_api_and_the_cli_and_resumes(
     else:
         check_error(case, outcome, key, after_first_part=bool(switch_at))
         assert written == expected_rows(emulator, case)[: len(written)]
-        api_result = f"{type(outcome).__name__}: {str(outcome)[:160]}"
+        api_result = f"{type(outcome).__name__}, {brief(case, str(outcome))}"
     committed = len(list(folder.glob("part-*.parquet")))
     if switch_at:
         assert committed >= 1  # the part written before the fault stays, verified
@@ -481,7 +492,8 @@ def test_a_hostile_answer_ends_typed_in_the_api_and_the_cli_and_resumes(
         assert line.startswith("breadasync export: error: "), line
         assert re.search(case.match, line), line
         named(case, line)
-        cli_result = "exit 1, one line: " + line.removeprefix("breadasync export: error: ")[:100]
+        at = brief(case, line).split(":")[0]
+        cli_result = f"exit 1, one line naming the {at}, no traceback"
 
     # 3. The fault switched off, the same command resumes and the rows are exact.
     emulator.set_faults(None, repo="r", target="t")
@@ -504,7 +516,7 @@ def test_a_hostile_answer_ends_typed_in_the_api_and_the_cli_and_resumes(
         expected=case.expected,
         api=api_result,
         cli=cli_result,
-        resumed=f"{reused} part(s) kept, {ROWS:,} rows verified row by row",
+        resumed=f"{reused} part(s) kept; {ROWS:,} rows equal the emulator's",
         cpu_api=round(api_cpu[0], 2),
         cpu_cli=round(cli_cpu, 2),
     )
