@@ -238,15 +238,23 @@ async def test_wait_for_stim_starts_the_rollout_after_the_stim(
     assert "stim of r/idle is not started" in str(idle.error)
 
 
-@sped_up
+@pytest.mark.bread_emulator(speed=0)
 async def test_as_completed_yields_in_completion_order(
     fan_client: BreadClient, bread_emulator: Emulator
 ) -> None:
     for name, seconds in (("slow", 60), ("fast", 5), ("middle", 30)):
         bread_emulator.add_target("r", name, plan=TargetPlan(rollout_seconds=seconds, stimuli=3))
+    clock = bread_emulator.clock
+    order = []
     async with fan_client.as_completed(["slow", "fast", "middle"], repo_name="r") as results:
         assert len(results) == 3
-        order = [result.target.target_name async for result in results]
+        await wait_until(lambda: bread_emulator.stats.jobs_started("rollout") == 3)
+        # The frozen clock moves to each job's end in turn, so no two ever end between the
+        # same two polls, however slowly a busy machine polls.
+        for end in (5, 30, 60):
+            clock.advance(end - clock.now())
+            order.append((await anext(results)).target.target_name)
+        assert [result async for result in results] == []
     assert order == ["fast", "middle", "slow"]
 
 
@@ -272,18 +280,19 @@ async def test_as_completed_needs_async_with(fan_client: BreadClient) -> None:
             pass
 
 
-@sped_up
+@pytest.mark.bread_emulator(speed=0)
 async def test_target_and_total_timeouts(fan_client: BreadClient, bread_emulator: Emulator) -> None:
-    bread_emulator.add_target("r", "quick", plan=TargetPlan(rollout_seconds=1, stimuli=2))
+    # Frozen clock: "quick" is complete already (its start says so at once) and "endless"
+    # never ends, so only the timeout can end its watch, whatever the machine's load.
+    bread_emulator.add_target("r", "quick", rows=2, rollout="complete")
     bread_emulator.add_target("r", "endless", plan=TargetPlan(rollout_seconds=10**6))
-    # The endless job would take 10**4 s: returning at all says the timeout ended the watch.
     quick, endless = await fan_client.rollout_many(
-        ["quick", "endless"], repo_name="r", target_timeout=0.4
+        ["quick", "endless"], repo_name="r", target_timeout=1.5
     )
     assert quick.outcome is Outcome.COMPLETE
     assert endless.outcome is Outcome.TIMEOUT
     assert isinstance(endless.error, PollTimeoutError)
-    assert "target_timeout=0.4 s" in str(endless.error)
+    assert "target_timeout=1.5 s" in str(endless.error)
     assert endless.status is not None
     assert endless.status.status == "running"
 
