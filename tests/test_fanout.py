@@ -59,6 +59,7 @@ def fan_client(make_client: Callable[..., BreadClient]) -> BreadClient:
     )
 
 
+@pytest.mark.soak
 @sped_up
 async def test_hundreds_of_mixed_targets_each_get_the_right_result(
     fan_client: BreadClient, bread_emulator: Emulator
