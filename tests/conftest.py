@@ -1,9 +1,11 @@
-"""Shared test helpers: a thin raw-HTTP caller for emulator tests."""
+"""Shared test helpers: a thin raw-HTTP caller for emulator tests, client fixtures, the
+key-leak and resource checks around every test, and the figure sink of RELIABILITY.md."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -73,9 +75,10 @@ class RawApi:
         return await self.call("POST", path, **kwargs)
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition, bounded in time: the emulator runs in another thread, whose
-    counters cannot wake an event of ours."""
+async def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll a condition: the emulator runs in another thread, whose counters cannot wake an
+    event of ours. ``timeout`` only stops a hang (a busy machine may take its time), well
+    inside pytest-timeout's limit; it is no claim about speed."""
     with anyio.fail_after(timeout):
         while not condition():  # noqa: ASYNC110
             await anyio.sleep(0.005)
@@ -98,6 +101,34 @@ def api(http: aiohttp.ClientSession, bread_emulator: Emulator) -> RawApi:
     return RawApi(http, bread_emulator)
 
 
+# --- figures for RELIABILITY.md -------------------------------------------------------------
+
+FIGURES_ENV = "BREADASYNC_RELIABILITY_FIGURES"
+"""A file that ``benchmarks/reliability.py`` names: tests append their figures (JSON lines)
+and every test's outcome to it; unset, nothing is written."""
+
+
+def record_figures(table: str, **figures: Any) -> None:
+    """Append one row of ``table`` to the figure sink, if ``benchmarks/reliability.py`` set
+    one (it renders RELIABILITY.md from them)."""
+    sink = os.environ.get(FIGURES_ENV)
+    if sink:
+        with open(sink, "a", encoding="utf-8") as file:
+            file.write(json.dumps({"table": table, **figures}) + "\n")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With a figure sink, the outcome of every test (so the report lists what ran and how
+    it ended, not only what tests chose to say)."""
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        record_figures(
+            "outcomes",
+            test=report.nodeid,
+            outcome=report.outcome,
+            seconds=round(report.duration, 2),
+        )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """A failing test reports what failed, not the DEBUG records the key-leak check below
     collects (aiohttp and breadasync run at DEBUG for it): pytest's own log capture shows
@@ -117,14 +148,18 @@ ISSUED_KEYS: set[str] = set()
 
 
 @pytest.fixture
-def bread_emulator(
-    request: pytest.FixtureRequest, bread_emulator_factory: Callable[..., Emulator]
-) -> Emulator:
-    """The plugin's fixture, plus bookkeeping of its key for the leak check."""
-    marker = request.node.get_closest_marker("bread_emulator")
-    emulator = bread_emulator_factory(**(marker.kwargs if marker else {}))
-    ISSUED_KEYS.add(emulator.api_key)
-    return emulator
+def bread_emulator_factory(
+    bread_emulator_factory: Callable[..., Emulator],
+) -> Callable[..., Emulator]:
+    """The plugin's factory (and so its ``bread_emulator``, which uses this one), noting
+    every key it issues for the leak check."""
+
+    def start(**kwargs: Any) -> Emulator:
+        emulator = bread_emulator_factory(**kwargs)
+        ISSUED_KEYS.add(emulator.api_key)
+        return emulator
+
+    return start
 
 
 class _Capture(logging.Handler):

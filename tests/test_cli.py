@@ -362,7 +362,7 @@ def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path)
             break
         time.sleep(0.02)  # polling a file another process writes; bounded by the deadline
     child.send_signal(signal.SIGINT)
-    _, stderr = child.communicate(timeout=30)
+    _, stderr = child.communicate(timeout=60)
     assert child.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not (folder / "_manifest.parquet").exists()
@@ -512,7 +512,7 @@ def test_ctrl_c_before_any_part_is_written_promises_nothing(
             break
         time.sleep(0.02)  # polling another process's progress; bounded by the deadline
     child.send_signal(signal.SIGINT)
-    _, stderr = child.communicate(timeout=30)
+    _, stderr = child.communicate(timeout=60)
     assert child.returncode == 130, stderr
     assert stderr.startswith(
         "breadasync: interrupted: no part was committed yet: all 60,000 rows will be fetched "

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -84,7 +85,7 @@ echo "Total trajectories: ${#all_output[@]}"
 """
 
 
-@pytest.mark.bread_emulator(speed=20)
+@pytest.mark.bread_emulator(speed=0)
 def test_docs_shell_workflow_reports_the_right_total(bread_emulator: Emulator) -> None:
     bread_emulator.add_target(
         "my_repo",
@@ -97,16 +98,24 @@ def test_docs_shell_workflow_reports_the_right_total(bread_emulator: Emulator) -
         **os.environ,
         "BREAD_BASE_URL": bread_emulator.url,
         "BREAD_API_KEY": bread_emulator.api_key,
-        "POLL_SECONDS": "0.1",
+        "POLL_SECONDS": "0.05",
     }
-    done = subprocess.run(
+    with subprocess.Popen(
         ["bash", "-c", DOCS_WORKFLOW],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        check=False,
-    )
+    ) as child:
+        # The clock is frozen, so the script's first poll sees the job running however slow
+        # the machine; once it has polled, the job's ten seconds pass at once.
+        deadline = time.monotonic() + 60  # only stops a hang
+        while bread_emulator.stats.count("get_rollout") < 1 and child.poll() is None:
+            assert time.monotonic() < deadline, "the script never polled"
+            time.sleep(0.01)  # polling another process's progress; bounded by the deadline
+        bread_emulator.clock.advance(10)
+        stdout, stderr = child.communicate(timeout=60)
+    done = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "Stim complete with 500 stimuli" in out

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 import pytest
@@ -32,10 +32,24 @@ from breadasync import (
 from breadasync._config import NOT_GIVEN
 from breadasync._fanout import Fanout, _unwrap, collect
 from breadasync.emulator import Emulator, Faults, TargetPlan
-from tests.conftest import quiet
+from tests.conftest import quiet, wait_until
 
 POLL = PollPolicy(initial=0.02, maximum=0.2, minimum=0.01)
 sped_up = pytest.mark.bread_emulator(speed=100)
+
+
+def running_tasks() -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if not t.done()}
+
+
+async def nothing_follows(client: BreadClient, before: set[asyncio.Task[object]]) -> None:
+    """No request can follow: no task of the watch outlives it (a poll needs one), and the
+    loop turning over many times sends nothing. Counted in loop iterations, not seconds."""
+    assert running_tasks() - before == set()
+    sent = client.stats.requests
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert client.stats.requests == sent
 
 
 @pytest.fixture
@@ -45,6 +59,7 @@ def fan_client(make_client: Callable[..., BreadClient]) -> BreadClient:
     )
 
 
+@pytest.mark.soak
 @sped_up
 async def test_hundreds_of_mixed_targets_each_get_the_right_result(
     fan_client: BreadClient, bread_emulator: Emulator
@@ -224,15 +239,23 @@ async def test_wait_for_stim_starts_the_rollout_after_the_stim(
     assert "stim of r/idle is not started" in str(idle.error)
 
 
-@sped_up
+@pytest.mark.bread_emulator(speed=0)
 async def test_as_completed_yields_in_completion_order(
     fan_client: BreadClient, bread_emulator: Emulator
 ) -> None:
     for name, seconds in (("slow", 60), ("fast", 5), ("middle", 30)):
         bread_emulator.add_target("r", name, plan=TargetPlan(rollout_seconds=seconds, stimuli=3))
+    clock = bread_emulator.clock
+    order = []
     async with fan_client.as_completed(["slow", "fast", "middle"], repo_name="r") as results:
         assert len(results) == 3
-        order = [result.target.target_name async for result in results]
+        await wait_until(lambda: bread_emulator.stats.jobs_started("rollout") == 3)
+        # The frozen clock moves to each job's end in turn, so no two ever end between the
+        # same two polls, however slowly a busy machine polls.
+        for end in (5, 30, 60):
+            clock.advance(end - clock.now())
+            order.append((await anext(results)).target.target_name)
+        assert [result async for result in results] == []
     assert order == ["fast", "middle", "slow"]
 
 
@@ -242,14 +265,14 @@ async def test_leaving_as_completed_early_stops_the_watch(
 ) -> None:
     bread_emulator.add_target("r", "fast", plan=TargetPlan(rollout_seconds=1, stimuli=3))
     bread_emulator.add_target("r", "forever", plan=TargetPlan(rollout_seconds=10**6))
+    before = running_tasks()
     async with fan_client.as_completed(["fast", "forever"], repo_name="r") as results:
         async for result in results:
             assert result.target.target_name == "fast"
             break
+        assert running_tasks() - before  # the watch runs inside the block
     assert fan_client.stats.in_flight == 0
-    sent = fan_client.stats.requests
-    await anyio.sleep(0.3)  # no poll may follow the exit: watch a while for one
-    assert fan_client.stats.requests == sent
+    await nothing_follows(fan_client, before)
 
 
 async def test_as_completed_needs_async_with(fan_client: BreadClient) -> None:
@@ -258,19 +281,19 @@ async def test_as_completed_needs_async_with(fan_client: BreadClient) -> None:
             pass
 
 
-@sped_up
+@pytest.mark.bread_emulator(speed=0)
 async def test_target_and_total_timeouts(fan_client: BreadClient, bread_emulator: Emulator) -> None:
-    bread_emulator.add_target("r", "quick", plan=TargetPlan(rollout_seconds=1, stimuli=2))
+    # Frozen clock: "quick" is complete already (its start says so at once) and "endless"
+    # never ends, so only the timeout can end its watch, whatever the machine's load.
+    bread_emulator.add_target("r", "quick", rows=2, rollout="complete")
     bread_emulator.add_target("r", "endless", plan=TargetPlan(rollout_seconds=10**6))
-    started = time.monotonic()
     quick, endless = await fan_client.rollout_many(
-        ["quick", "endless"], repo_name="r", target_timeout=0.4
+        ["quick", "endless"], repo_name="r", target_timeout=1.5
     )
-    assert time.monotonic() - started < 2
     assert quick.outcome is Outcome.COMPLETE
     assert endless.outcome is Outcome.TIMEOUT
     assert isinstance(endless.error, PollTimeoutError)
-    assert "target_timeout=0.4 s" in str(endless.error)
+    assert "target_timeout=1.5 s" in str(endless.error)
     assert endless.status is not None
     assert endless.status.status == "running"
 
@@ -286,13 +309,14 @@ async def test_fail_fast_raises_the_first_failure_and_stops(
 ) -> None:
     for i in range(20):
         bread_emulator.add_target("r", f"t{i}", plan=TargetPlan(rollout_seconds=10**6))
-    started = time.monotonic()
+    before = running_tasks()
+    # The 20 endless jobs would take 10**4 s: raising at all says the failure stopped them.
     with pytest.raises(NotFoundError, match="ghost"):
         await fan_client.rollout_many(
             [f"t{i}" for i in range(20)] + ["ghost"], repo_name="r", fail_fast=True
         )
-    assert time.monotonic() - started < 2
     assert fan_client.stats.in_flight == 0
+    await nothing_follows(fan_client, before)
 
     results = await fan_client.rollout_many(["t0", "ghost"], repo_name="r", wait=False)
     with pytest.raises(NotFoundError):
@@ -333,15 +357,22 @@ async def test_concurrency_bound_and_prompt_cancellation(
     for i in range(30):
         bread_emulator.add_target("r", f"t{i}", plan=TargetPlan(rollout_seconds=10**6))
     bread_emulator.set_faults(Faults(latency=0.02))
-    with anyio.move_on_after(1.0):
-        await fan_client.rollout_many([f"t{i}" for i in range(30)], repo_name="r", concurrency=5)
+    before = running_tasks()
+    names = [f"t{i}" for i in range(30)]
+
+    def polled() -> bool:
+        return bread_emulator.stats.count("get_rollout") >= 5
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(fan_client.rollout_many, names, repo_name="r", concurrency=5))
+        # Cancelled once every job is started and polling is under way, whenever that is.
+        await wait_until(lambda: bread_emulator.stats.jobs_started() == 30 and polled())
+        tg.cancel_scope.cancel()
     assert bread_emulator.stats.max_in_flight <= 5
     assert bread_emulator.stats.jobs_started() == 30
     assert fan_client.stats.in_flight == 0
-    sent = fan_client.stats.requests
     await quiet(bread_emulator)
-    await anyio.sleep(0.3)  # after a cancel, no poll may follow: watch a while for one
-    assert fan_client.stats.requests == sent
+    await nothing_follows(fan_client, before)
 
 
 @sped_up
