@@ -332,7 +332,7 @@ def test_export_to_a_folder_without_write_permission(
 @pytest.mark.bread_emulator(speed=0)
 def test_ctrl_c_mid_export_then_resume(bread_emulator: Emulator, tmp_path: Path) -> None:
     bread_emulator.add_target("r", "t", rows=60_000, rollout="complete")
-    bread_emulator.set_faults(Faults(latency=0.1), repo="r", target="t")
+    bread_emulator.set_faults(Faults(latency=0.4), repo="r", target="t")
     out = tmp_path / "out"
     env = cli_env(BREAD_BASE_URL=bread_emulator.url or "")
     argv = [

@@ -179,7 +179,7 @@ def test_a_real_ctrl_c_shows_no_key(
     spelling: str, bread_emulator: Emulator, tmp_path: Path
 ) -> None:
     bread_emulator.add_target("r", "t", rows=20_000, rollout="complete")
-    bread_emulator.set_faults(Faults(latency=0.05), repo="r", target="t")
+    bread_emulator.set_faults(Faults(latency=0.3), repo="r", target="t")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BREAD_")}
     if spelling == "env":
         env["BREAD_API_KEY"] = KEY

@@ -126,8 +126,13 @@ def setup_logging(verbose: int, stream: IO[str], scrub: Scrub) -> Callable[[], N
 
     Returns what undoes it (``main`` may run many times in one process).
     """
+    # asyncio's debug mode (PYTHONASYNCIODEBUG) warns of every slow callback, which a busy
+    # machine makes common: chatter about the machine, not the command. Its errors stay.
+    noisy = logging.getLogger("asyncio")
+    noisy_level = noisy.level
+    noisy.setLevel(max(noisy.getEffectiveLevel(), logging.ERROR))
     if not verbose:
-        return lambda: None
+        return lambda: noisy.setLevel(noisy_level)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         _ScrubbingFormatter(scrub, "%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -141,6 +146,7 @@ def setup_logging(verbose: int, stream: IO[str], scrub: Scrub) -> Callable[[], N
         logger.propagate = False
 
     def undo() -> None:
+        noisy.setLevel(noisy_level)
         for logger, (level, propagate) in zip(loggers, saved, strict=True):
             logger.removeHandler(handler)
             logger.setLevel(level)
