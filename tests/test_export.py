@@ -39,6 +39,7 @@ from breadasync import (
 from breadasync.emulator import Emulator, EmulatorThread, Faults, TargetPlan
 from breadasync.export import SCHEMA, LocalDestination, batch_to_rows, hive_segment, load_manifest
 from breadasync.export._store import PartFile
+from tests.conftest import wait_until
 from tests.test_export_kill import KillAt
 
 frozen = pytest.mark.bread_emulator(speed=0)
@@ -695,8 +696,19 @@ async def test_a_cancelled_export_lets_go_of_its_folder(
 ) -> None:
     bread_emulator.add_target("r", "t", rows=20_000, rollout="complete")
     bread_emulator.set_faults(Faults(latency=0.05), repo="r", target="t")
-    with anyio.move_on_after(0.3):
+    finished = False
+
+    async def export() -> None:
+        nonlocal finished
         await exporter.export_rollout("t", repo_name="r", dest=tmp_path, concurrency=2)
+        finished = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(export)
+        # Cancelled mid-export, by what the emulator has served, not by the clock.
+        await wait_until(lambda: bread_emulator.stats.count("get_rollout_output") >= 2)
+        tg.cancel_scope.cancel()
+    assert not finished  # 18 pages of 50 ms each were still to come
     bread_emulator.set_faults(None, repo="r", target="t")
     result = await exporter.export_rollout("t", repo_name="r", dest=tmp_path)  # not locked
     assert result.rows == 20_000
