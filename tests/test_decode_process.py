@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from breadasync import DataIntegrityError, ProtocolError
 from breadasync.export import batch_to_rows
 from breadasync.export._decode import DecodeLimits
-from breadasync.export._decode_process import DecodeProcesses
+from breadasync.export._decode_process import PIPELINE_DEPTH, DecodeProcesses
 from breadasync.export._reader import decode_page
 from tests.decode_pages import page_body, realistic_page, realistic_row
 
@@ -52,7 +53,7 @@ def test_a_child_killed_mid_export_costs_one_page() -> None:
     with DecodeProcesses(1) as processes:
         body = page_body([{"a": 1}], 0)
         decode_page(body, "GET", "/p", 200, 0, 10, decoder=processes)
-        (child,) = processes._idle
+        (child,) = processes._children
         os.kill(child.process.pid, signal.SIGKILL)
         child.process.wait()
         with pytest.raises(ProtocolError, match="the decoding process ended"):
@@ -67,3 +68,31 @@ def test_a_child_killed_mid_export_costs_one_page() -> None:
 def test_the_pool_size_is_checked() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         DecodeProcesses(0)
+
+
+def test_pages_in_flight_together_each_get_their_own_answer() -> None:
+    # Up to PIPELINE_DEPTH pages share one child; answers must not cross between callers,
+    # and a refused page fails only its own caller.
+    offsets = list(range(0, 12_000, 1000))
+    bodies = {offset: realistic_page(offset) for offset in offsets}
+    bad = page_body([{"r": 0.5}], 5).replace(b"0.5", b"NaN")
+    results: dict[int, object] = {}
+
+    def work(offset: int) -> None:
+        try:
+            if offset == 5:
+                decode_page(bad, "GET", "/p", 200, 5, 1, decoder=processes)
+            else:
+                results[offset] = decode_page(
+                    bodies[offset], "GET", "/p", 200, offset, 1000, decoder=processes
+                ).batch
+        except ProtocolError as exc:
+            results[offset] = exc
+
+    with DecodeProcesses(1) as processes, ThreadPoolExecutor(PIPELINE_DEPTH * 3) as pool:
+        list(pool.map(work, [*offsets[:6], 5, *offsets[6:]]))
+        assert processes._started == 1
+    assert isinstance(results.pop(5), ProtocolError)
+    for offset in offsets:
+        here = decode_page(bodies[offset], "GET", "/p", 200, offset, 1000).batch
+        assert here.equals(results[offset])

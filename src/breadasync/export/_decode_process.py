@@ -2,11 +2,12 @@
 
 Every step of an exact decode (orjson, the checks, Arrow arrays built from Python values)
 holds the GIL, so decoding threads cannot use a second core. A :class:`DecodeProcesses`
-keeps a few child Python processes that each decode one page at a time with the same code
-(:func:`breadasync.export._reader.decode_page`) and send the batch back as Arrow IPC; this
-process only moves bytes through pipes (which releases the GIL). A child that dies on a
-page (it cannot, by the decoder's checks, but a process boundary is the last line) costs
-that page a :class:`~breadasync.ProtocolError`, and the next page gets a new child.
+keeps a few child Python processes that decode pages with the same code
+(:func:`breadasync.export._reader.decode_page`) and send each batch back as Arrow IPC; this
+process only moves bytes through pipes (which releases the GIL). A child that dies (it
+cannot, by the decoder's checks, but a process boundary is the last line) costs the pages
+it held (at most :data:`PIPELINE_DEPTH`) a :class:`~breadasync.ProtocolError`, and the next
+page gets a new child.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ import struct
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import IO, Any, Final
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None  # type: ignore[assignment]
 
 import pyarrow as pa
 
@@ -57,8 +64,27 @@ def read_frame(stream: IO[bytes]) -> list[bytes]:
     return parts
 
 
+PIPELINE_DEPTH: Final = 2
+"""Pages a child holds at once. With two, the next page is already in its pipe when it
+finishes one, so it does not sit idle while this process's thread wakes up (it needs the
+GIL), reads the batch back and writes the next page through the pipe."""
+
+_PIPE_BYTES: Final = 1024 * 1024
+"""Pipe buffers asked for (Linux's unprivileged maximum): a whole page or batch fits, so
+one write is one wake-up of the other side, not sixteen of 64 KiB."""
+
+
+def _widen(stream: IO[bytes] | None) -> None:
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if stream is None or setsize is None:
+        return
+    with contextlib.suppress(OSError):  # a lower system limit: the default still works
+        fcntl.fcntl(stream.fileno(), setsize, _PIPE_BYTES)
+
+
 class _Child:
-    """One child process; one page at a time."""
+    """One child process, holding up to :data:`PIPELINE_DEPTH` pages; it answers them in
+    the order they were sent."""
 
     def __init__(self, limits: DecodeLimits) -> None:
         settings = json.dumps([limits.max_body_bytes, limits.max_depth, limits.max_values])
@@ -68,6 +94,15 @@ class _Child:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
+        _widen(self.process.stdin)
+        _widen(self.process.stdout)
+        self.pending = 0
+        """Pages sent or about to be (guarded by the pool's lock)."""
+        self.broken = False
+        """Whether a pipe to it failed: it takes no more pages."""
+        self._sending = threading.Lock()
+        self._turns = threading.Condition()
+        self._queue: deque[object] = deque()
 
     def decode(
         self,
@@ -83,10 +118,18 @@ class _Child:
         assert stdin is not None
         assert stdout is not None
         meta = json.dumps([method, path, status, offset, limit, columns]).encode()
+        ticket = object()
         try:
-            send_frame(stdin, meta, body)
+            with self._sending:
+                with self._turns:
+                    self._queue.append(ticket)
+                send_frame(stdin, meta, body)
+            with self._turns:
+                # Answers come back in the order pages went in.
+                self._turns.wait_for(lambda: self._queue[0] is ticket)
             kind, head, payload = read_frame(stdout)
         except (EOFError, OSError, ValueError):
+            self.broken = True
             self.close()
             code = self.process.returncode
             raise ProtocolError(
@@ -96,6 +139,10 @@ class _Child:
                 path=path,
                 status=status,
             ) from None
+        finally:
+            with self._turns:
+                self._queue.remove(ticket)
+                self._turns.notify_all()
         if kind == b"ok":
             lines, state = json.loads(head)
             batch = pa.ipc.open_stream(payload).read_next_batch()
@@ -111,7 +158,7 @@ class _Child:
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
                 # Closing flushes what is left, into a pipe a dead child no longer reads.
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):
                     stream.close()
         try:
             self.process.wait(timeout=10)
@@ -124,7 +171,9 @@ class DecodeProcesses:
     """A pool of ``processes`` child processes that decode pages; use it as a context
     manager (or call :meth:`close`), so no child outlives it.
 
-    Children start on first use. :meth:`decode` blocks: call it from a worker thread.
+    Children start on first use; each holds up to :data:`PIPELINE_DEPTH` pages, so up to
+    ``processes * PIPELINE_DEPTH`` calls of :meth:`decode` proceed at once. :meth:`decode`
+    blocks: call it from a worker thread.
     """
 
     def __init__(self, processes: int = 1, *, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
@@ -132,11 +181,16 @@ class DecodeProcesses:
             raise ValueError(f"processes must be at least 1, not {processes}")
         self._size = processes
         self._limits = limits
-        self._idle: list[_Child] = []
+        self._children: list[_Child] = []
         self._started = 0
         self._lock = threading.Lock()
-        self._free = threading.Semaphore(processes)
+        self._free = threading.Semaphore(processes * PIPELINE_DEPTH)
         self._closed = False
+
+    @property
+    def capacity(self) -> int:
+        """Pages the pool decodes or holds at once."""
+        return self._size * PIPELINE_DEPTH
 
     def decode(
         self,
@@ -166,24 +220,34 @@ class DecodeProcesses:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decoding processes are closed")
-            if self._idle:
-                return self._idle.pop()
-            self._started += 1
-            return _Child(self._limits)
+            usable = [child for child in self._children if not child.broken]
+            idle = [child for child in usable if child.pending == 0]
+            if not idle and len(usable) < self._size:
+                # A new child before a second page for a busy one: each core first.
+                child = _Child(self._limits)
+                self._children.append(child)
+                self._started += 1
+            else:
+                # The semaphore guarantees a child with room.
+                child = min(usable, key=lambda c: c.pending)
+            child.pending += 1
+            return child
 
     def _give_back(self, child: _Child) -> None:
         with self._lock:
-            if child.process.returncode is None and not self._closed:
-                self._idle.append(child)
-                return
-        child.close()
+            child.pending -= 1
+            drop = child.broken and child.pending == 0 and child in self._children
+            if drop:
+                self._children.remove(child)
+        if drop:
+            child.close()
 
     def close(self) -> None:
         """Stops every child (each ends when its input closes)."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for child in idle:
+            children, self._children = self._children, []
+        for child in children:
             child.close()
 
     def __enter__(self) -> DecodeProcesses:

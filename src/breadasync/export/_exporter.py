@@ -44,7 +44,7 @@ from breadasync._validation import MAX_PAGE_SIZE, check_int, check_name, target_
 from breadasync._version import __version__
 
 from ._commit import PartWriter, commit, in_mode, reconcile, refuse_single_export
-from ._decode_process import DecodeProcesses
+from ._decode_process import PIPELINE_DEPTH, DecodeProcesses
 from ._dest import Destination, DestinationLike, resolve_destination
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part
 from ._reader import Page, RangeReader
@@ -353,7 +353,9 @@ class Exporter:
         self._on_progress = on_progress
         # One limit for every target this exporter handles (export_many shares it).
         self._limiter = anyio.CapacityLimiter(options.concurrency)
-        self._decode_limiter = anyio.CapacityLimiter(max(DECODE_THREADS, options.decode_processes))
+        self._decode_limiter = anyio.CapacityLimiter(
+            max(DECODE_THREADS, options.decode_processes * PIPELINE_DEPTH)
+        )
         self._decoder: DecodeProcesses | None = None
         self._decoder_users = 0
 
