@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks._common import (
     HERE,
@@ -55,6 +55,9 @@ from benchmarks._common import (
     use_profile,
     write_section,
 )
+
+if TYPE_CHECKING:
+    from breadasync.export import ColumnMode
 
 LATENCY = 0.02
 CONCURRENCY = 16
@@ -129,7 +132,12 @@ async def verify(url: str, key: str, target: str, out: Path, fields: list[str] |
 
 
 async def variant_breadasync(
-    url: str, key: str, target: str, out: Path, processes: int | None = None
+    url: str,
+    key: str,
+    target: str,
+    out: Path,
+    processes: int | None = None,
+    columns: ColumnMode = "json",
 ) -> dict[str, Any]:
     from breadasync import BreadClient
 
@@ -153,6 +161,7 @@ async def variant_breadasync(
             dest=out,
             concurrency=CONCURRENCY,
             decode_processes=processes,
+            columns=columns,
         )
         seconds = time.perf_counter() - started
         cpu = cpu_seconds() - cpu
@@ -179,6 +188,10 @@ def cpu_seconds() -> float:
 
 async def variant_breadasync_threads(url: str, key: str, target: str, out: Path) -> dict[str, Any]:
     return await variant_breadasync(url, key, target, out, processes=0)
+
+
+async def variant_breadasync_typed(url: str, key: str, target: str, out: Path) -> dict[str, Any]:
+    return await variant_breadasync(url, key, target, out, columns="typed")
 
 
 async def variant_breadasync_2p(url: str, key: str, target: str, out: Path) -> dict[str, Any]:
@@ -297,6 +310,7 @@ async def variant_ceiling(url: str, key: str, target: str, out: Path) -> dict[st
 
 VARIANTS: dict[str, Any] = {
     "breadasync": variant_breadasync,
+    "breadasync, typed columns": variant_breadasync_typed,
     "breadasync, decoding in threads": variant_breadasync_threads,
     "breadasync, 2 decoding processes": variant_breadasync_2p,
     "sdk-sequential": variant_sdk_sequential,
