@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+import orjson
 import pytest
 
 from breadasync import (
@@ -16,11 +19,15 @@ from breadasync import (
     JobState,
     JobStatus,
     Limits,
+    MockTransport,
     PollPolicy,
     PollTimeoutError,
+    TransportRequest,
+    TransportResponse,
 )
 from breadasync._errors import JobError
 from breadasync.emulator import Emulator, TargetPlan
+from breadasync.testing import run_virtual
 
 frozen = pytest.mark.bread_emulator(speed=0)
 
@@ -142,21 +149,51 @@ async def test_wait_on_a_job_never_started(client: BreadClient, bread_emulator: 
         await client.targets.rollout.wait("t", repo_name="r")
 
 
-@frozen
-async def test_polling_adapts_to_progress(
-    make_client: Callable[..., BreadClient], bread_emulator: Emulator
-) -> None:
-    # Real time: a 1.2 s job watched with a policy whose first interval is 1 s and maximum
-    # 30 s; the progress estimate must bring the last poll to just after the end.
-    bread_emulator.clock.speed = 1
-    bread_emulator.add_target("r", "t", plan=TargetPlan(stimuli=1000, rollout_seconds=1.2))
-    client = make_client(poll=PollPolicy(initial=0.3, maximum=30, minimum=0.05, jitter=0))
-    status = await client.targets.rollout.run("t", repo_name="r")
-    assert status.is_complete
-    polls = [r for r in bread_emulator.stats.records() if r.route == "get_rollout"]
-    started = next(r.started for r in bread_emulator.stats.records() if r.route == "run_rollout")
-    assert len(polls) <= 6
-    assert polls[-1].started - started < 1.2 + 0.6  # seen complete soon after the end
+@pytest.mark.parametrize(("duration", "most_polls"), [(1.2, 6), (60, 25)])
+def test_polling_adapts_to_progress(duration: float, most_polls: int) -> None:
+    # A job watched with a policy whose first interval is 0.3 s and maximum 30 s; the
+    # progress estimate must bring the last poll to just after the end (without it, the 60 s
+    # job would be seen complete ~11 s late). The job answers like the emulator's (``lines``
+    # and ``progress_percent`` while running) through the transport seam, on virtual time:
+    # the seconds are the loop's, whatever the machine's load.
+    started: list[float] = []
+    polls: list[float] = []
+
+    def status(now: float) -> dict[str, Any]:
+        ran = now - started[0]
+        if ran >= duration:
+            return {"status": "complete", "lines": 1000, "job_id": 1}
+        progress = ran / duration
+        return {
+            "status": "running",
+            "lines": math.floor(1000 * progress),
+            "progress_percent": round(progress * 100, 1),
+            "job_id": 1,
+        }
+
+    async def handler(request: TransportRequest) -> TransportResponse:
+        await anyio.sleep(0.01)  # a request's round trip
+        now = anyio.current_time()
+        assert request.path == "/v1/repo/r/targets/t/rollout", request.path
+        if request.method == "POST":
+            started.append(now)
+        else:
+            polls.append(now)
+        return TransportResponse(
+            200, {"content-type": "application/json"}, orjson.dumps(status(now))
+        )
+
+    async def main() -> JobStatus:
+        policy = PollPolicy(initial=0.3, maximum=30, minimum=0.05, jitter=0)
+        async with BreadClient("sk-test", transport=MockTransport(handler), poll=policy) as client:
+            return await client.targets.rollout.run("t", repo_name="r")
+
+    result = run_virtual(main)
+    assert result.is_complete
+    assert len(started) == 1
+    assert 1 <= len(polls) <= most_polls
+    assert polls[-1] - started[0] >= duration  # the last poll saw it complete ...
+    assert polls[-1] - started[0] < duration + 0.6  # ... soon after the end, in loop seconds
 
 
 async def test_user_id_goes_on_every_request_of_a_call(

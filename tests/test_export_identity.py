@@ -20,11 +20,18 @@ from breadasync import BreadClient, DataIntegrityError, ExportMismatchError, Not
 from breadasync.emulator import Emulator, EmulatorThread, JobView
 from breadasync.export import ExportProgress, batch_to_rows, load_manifest
 
-ROWS = 10_000
-PART = 1000
-# Small pages and a small window: when the job is re-run after two parts, most pages are
-# still to be fetched (at most concurrency + 8 pages are fetched ahead of the writer).
-OPTIONS: dict[str, Any] = {"page_size": 100, "concurrency": 4, "rows_per_part": PART}
+ROWS = 5000
+PART = 500
+# Small pages: the job is re-run after two of its ten parts are written, while pages are
+# still being fetched (the rows' number is not the point, so they are few).
+# Pages decode in threads: where they decode is not the point, and a decoding child costs
+# each export a Python start-up (tests/test_export_processes.py covers that path).
+OPTIONS: dict[str, Any] = {
+    "page_size": 100,
+    "concurrency": 4,
+    "rows_per_part": PART,
+    "decode_processes": 0,
+}
 
 frozen = pytest.mark.bread_emulator(speed=0)
 

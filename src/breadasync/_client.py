@@ -37,14 +37,9 @@ from ._validation import check_user_id
 if TYPE_CHECKING:
     # Only for annotations: the exporter (and pyarrow) load when an export is first asked.
     from .export._dest import DestinationLike
-    from .export._exporter import (
-        BatchStream,
-        Compression,
-        ExportProgress,
-        ExportResult,
-        ExportResults,
-    )
+    from .export._options import Compression, ExportProgress, ExportResult, ExportResults
     from .export._schema import ColumnMode
+    from .export._stream import BatchStream
 
 __all__ = ["BreadClient", "Rollout", "Stim", "Targets"]
 
@@ -428,7 +423,8 @@ class BreadClient:
         its result (``error``) and does not stop the others. Other arguments as in
         :meth:`export_rollout`.
         """
-        from .export._exporter import Exporter, ExportOptions, export_many
+        from .export._exporter import Exporter, ExportOptions
+        from .export._many import export_many
 
         options = ExportOptions(
             page_size,
@@ -475,7 +471,8 @@ class BreadClient:
         short pages are completed; exactly ``lines`` rows of one job come out. ``columns``
         chooses the batches' schema (``"json"`` or ``"typed"``, as for the export).
         """
-        from .export._exporter import BatchStream, Exporter, ExportOptions
+        from .export._exporter import Exporter, ExportOptions
+        from .export._stream import BatchStream
 
         target = TargetRef.of(target_name, repo_name)
         options = ExportOptions(

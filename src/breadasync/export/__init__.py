@@ -10,9 +10,10 @@ and the destination seam
 from ._decode import DEFAULT_LIMITS, DecodeLimits
 from ._decode_process import DecodeProcesses
 from ._dest import Destination, DestinationLike, resolve_destination
-from ._exporter import ExportOptions, ExportProgress, ExportResult, ExportResults, hive_segment
 from ._manifest import MANIFEST_KEY, load_manifest
+from ._many import hive_segment
 from ._objstore import FsDestination
+from ._options import ExportOptions, ExportProgress, ExportResult, ExportResults
 from ._plan import ExportPlan, Part
 from ._schema import (
     SCHEMA,

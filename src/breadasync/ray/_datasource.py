@@ -326,7 +326,24 @@ class BreadDatasource(Datasource):
     ``max_concurrency`` requests in flight, nor goes faster than the rate given. 429/503
     make a task's client slow down by itself, as any client does.
 
-    Args: as :func:`read_rollouts`.
+    Args:
+        max_concurrency: Requests in flight across the whole cluster (default 64).
+        max_requests_per_second: Requests per second across the whole cluster.
+        max_tasks: Read tasks running at once (default: the cluster's CPUs, at most
+            ``max_concurrency``); the budget is split evenly between them.
+        max_retries: Retries of one request by a task's client (default 5).
+        task_retries: Times a read task reads again, after a transient error (one of
+            :data:`TRANSIENT_ERRORS`) outlasts its client's retries, the rows it has not
+            yielded yet (default 3); rows already yielded are skipped, so none is
+            duplicated. A worker that dies is rerun by Ray, which replaces the blocks of
+            the lost run with the same blocks.
+        columns: ``"json"`` (default) or ``"typed"``: the exporter's column modes, with
+            the same columns and types (docs/SCHEMA.md).
+        repo_name: The repository of targets given by name alone.
+        api_key, base_url, timeout, user_id, allow_insecure_http, page_size, allow_partial:
+            As for :class:`~breadasync.BreadClient` and the exporter. The key travels to the
+            workers inside the serialized read tasks; it is in no task name, repr or
+            metadata.
     """
 
     def __init__(
