@@ -5,15 +5,22 @@ Three mechanisms, each taken from a published design and kept apart so each can 
 about (and tested on virtual time):
 
 * **A pace that rides a rate limit** (AWS SDKs' ``adaptive`` retry mode). A token bucket
-  (:class:`Pacer`) paces sends once the service has said "too fast"; its rate follows CUBIC
-  (:class:`CubicRate`): on a 429 it drops to ``BETA`` (0.7) of the rate actually being sent,
-  then grows as ``C*(t-K)**3 + W_max`` (``C`` = 0.4), flat near the rate that was throttled
-  and probing beyond it only slowly, so the client stays just under an unknown limit instead
-  of oscillating into it. As in TCP, one cut per round trip: only an answer to a request sent
-  after the last cut cuts again. A rate that has grown to twice the last throttled rate
-  without a new 429 is dropped: the limit is gone. Unlike AWS's bucket, a 503 alone does
-  not cut (isolated 5xx from one flaky instance are not a reason to slow the whole client)
-  and the rate is not capped at twice the measured rate, so it recovers in seconds.
+  (:class:`Pacer`, banking ``PACER_SLACK`` of sends so a late timer is made up, not lost)
+  paces sends once the service has said "too fast"; its rate follows CUBIC
+  (:class:`CubicRate`). The pace is cut, to ``BETA`` (0.7) of itself (unpaced: of the rate
+  sent), when 429s are more than ``THROTTLE_SHARE`` (2%) of the answers of the last
+  ``THROTTLE_WINDOW`` seconds to requests sent since the last cut, and at least
+  ``THROTTLE_MIN`` of them: not on each 429, since a one-token bucket answers 429 to two
+  sends that met it close together (network and event-loop jitter) at any pace, and a cut
+  per such 429 ratchets the pace down to a fraction of the limit. It then grows as
+  ``C*(t-K)**3 + W_max``, the curve scaled so that it is back at the rate it was cut from
+  after ``REGROW_SECONDS`` (2 s), flat there and probing beyond it ever faster, so the
+  client stays just under an unknown limit, and finds a raised one within seconds, at any
+  R. As in TCP, one cut per round trip. A rate that has grown to twice the last throttled
+  rate without a new 429 is dropped: the limit is gone. Unlike AWS's bucket, a 503 alone
+  does not cut (isolated 5xx from one flaky instance are not a reason to slow the whole
+  client) and the rate is not capped at twice the measured rate, so it recovers in
+  seconds.
 * **Overload detection** (Google SRE book, "Handling Overload": client-side adaptive
   throttling with ``K`` = 2). When at least ``OVERLOAD_MIN_ANSWERS`` answers of the last
   ``OVERLOAD_WINDOW`` seconds are in, and half or more of them are failures (5xx, dropped
@@ -31,6 +38,12 @@ about (and tested on virtual time):
   token back (AWS's refund), so only retries that keep failing drain it. A retry beyond the
   budget waits for it rather than failing, so a retry storm cannot multiply the load.
 
+* **Bad luck is not escalated.** While the client's recent answers fail at a share ``p``
+  under overload's, a request that failed ``n`` times in a row with ``p**n >= BAD_LUCK``
+  (:meth:`Governor.bad_luck`) is retried after its first, short wait again, not after a
+  doubled one: its failures are independent flaky answers, the budget bounds what the
+  retries add, and a page held back for seconds stalls an export's writer.
+
 ``Retry-After`` is not here: it delays only the request that received it (see
 :mod:`breadasync._transport`).
 
@@ -40,7 +53,13 @@ sends at most 250 requests in those 10 s (183 measured: 64 a second while the fi
 Retry-Afters run, then about one a second); within 4 s of the start of a total outage
 the pace is ``MIN_RATE``; in the first second after the service returns the client sends
 at least 35% of its earlier rate, and 90% in the next. Under an unknown limit of R = 50,
-300 or 1000 requests/s it sends at least 0.85 R from 5 s on, under 2% of it throttled.
+300 or 1000 requests/s (a bucket of R/10) it has at least 0.95 R accepted from 5 s on,
+under 3% throttled; behind a one-token bucket seen through 1 ms of jitter, at least
+0.85 R, 0.7 R and 0.45 R accepted (R = 50, 300, 1000) under 5% throttled; with 1% of
+answers 429 at random it is never paced, and under a limit of 300 keeps 0.95 R; a limit
+that drops from 300 to 100 is followed within 2 s, one that rises from 100 to 300 found
+within 5 s (0.8 R). A GET failing four times in a row among 15% flaky answers is retried
+within 0.36 s in all; a lone caller still backs off 0.05, 0.5, 1, 2 s.
 """
 
 from __future__ import annotations
@@ -71,7 +90,22 @@ OVERLOAD_MIN_ANSWERS = 20
 OVERLOAD_SHARE = 0.5
 """Failures at or above this share of recent answers are overload (SRE's K = 2)."""
 SEND_WINDOW = 1.0
-"""Seconds over which the rate actually sent is measured."""
+"""Seconds over which the rates actually sent and accepted are measured."""
+THROTTLE_WINDOW = 2.0
+"""Seconds of answers (to requests sent since the last cut) the throttled share is
+computed over."""
+THROTTLE_SHARE = 0.02
+"""A throttled share of recent answers above this cuts the pace: isolated 429s below it
+(two sends that met a one-token bucket too close together) are the price of riding the
+limit closely, not evidence that the pace is too high."""
+THROTTLE_MIN = 2
+"""429s needed in the window before their share counts: one alone never cuts."""
+REGROW_SECONDS = 2.0
+"""After a 429 cut, the pace is back at the rate that was accepted within this many
+seconds (CUBIC's curve, compressed as after an overload)."""
+PACER_SLACK = 0.002
+"""Seconds of sends the pacer banks: an event loop wakes its timers up to a millisecond or
+two late, and a send held back that long is made up by the next instead of being lost."""
 PEAK_SECONDS = 5
 """How far back the pace before an overload is looked for."""
 RECOVERY_SECONDS = 3.0
@@ -80,6 +114,10 @@ curve, compressed)."""
 QUIET_SECONDS = 30.0
 """Without pushback for this long, and grown to twice the last throttled rate, the pace is
 dropped: the limit is gone."""
+BAD_LUCK = 1e-4
+"""A request's failures in a row are bad luck (its retries keep their first, short wait)
+while the chance of as many in a row, at the client's recent failure share, is at least
+this: 4 in a row at a 15% share (5e-4), 3 at 5%; never during an overload."""
 RETRY_RATIO = 0.2
 """Retries allowed per first attempt (Finagle's ``percentCanRetry``)."""
 RETRY_PER_SECOND = 5.0
@@ -246,8 +284,8 @@ class CubicRate:
 
     def cut(self, now: float, sent_at: float, measured: float, *, overload: bool) -> bool:
         """Pushback seen on a request sent at ``sent_at``: lower the pace, unless it was
-        already lowered since that request left. ``measured`` is the rate actually sent (the
-        pace when the pace is what holds sends back). Returns whether it cut."""
+        already lowered since that request left. ``measured`` is the rate to cut from (the
+        rate accepted, for a 429; the rate sent, for overload). Returns whether it cut."""
         if sent_at < self.cut_at:
             return False
         base = measured if self.rate is None else min(self.rate, measured)
@@ -268,11 +306,17 @@ class CubicRate:
         gap = max(0.0, self._w_max - self.rate)
         self._c = CUBIC_C
         self._k = math.cbrt(gap / CUBIC_C)
-        if self.overloaded and self._k > RECOVERY_SECONDS:
-            # After an outage the pace climbs back to where it was within seconds, not the
-            # ten or more that CUBIC's constant would take from the floor.
-            self._k = RECOVERY_SECONDS
-            self._c = gap / RECOVERY_SECONDS**3
+        # The pace climbs back to where it was within seconds, not the five to ten that
+        # CUBIC's constant takes from 0.7 of a few hundred requests/s (or from the floor,
+        # after an outage): the curve keeps its shape (flat near W_max, probing beyond it
+        # ever faster), only compressed in time.
+        # After a 429 the curve is scaled to the rate cut from, whatever it is: the client
+        # does not know R, and CUBIC's constant alone takes seconds to probe a few
+        # requests/s beyond a limit of 50, and ten to regrow to one of 1000.
+        regrow = RECOVERY_SECONDS if self.overloaded else REGROW_SECONDS
+        if self._k > regrow or (not self.overloaded and gap > 0):
+            self._k = regrow
+            self._c = gap / regrow**3
 
     def failed(self, now: float) -> None:
         """A failure during an overload: growth starts again from here."""
@@ -358,6 +402,9 @@ class Governor:
         self._first_send = math.inf
         self._answers: deque[tuple[float, bool]] = deque()
         self._bad = 0
+        self._recent: deque[tuple[float, bool]] = deque()
+        self._throttled = 0
+        self._window_since = -math.inf
         self._streak = 0
         self._apply()
 
@@ -399,11 +446,59 @@ class Governor:
         sends of the last ``SEND_WINDOW`` seconds."""
         if self.pacer.rate is not None and now - self.pacer.waited_at < SEND_WINDOW / 2:
             return self.pacer.rate
+        return self.sent_rate(now)
+
+    def bad_luck(self, failures: int) -> bool:
+        """Whether ``failures`` failed attempts in a row of one request are likely bad luck
+        (independent flaky answers) rather than a service in trouble: no overload, and at
+        the failure share of the client's recent answers ``p``, ``p**failures`` is at least
+        :data:`BAD_LUCK`. With fewer than ``OVERLOAD_MIN_ANSWERS`` answers to judge by,
+        nothing is bad luck."""
+        if self.cubic.overloaded or len(self._answers) < OVERLOAD_MIN_ANSWERS:
+            return False
+        self._record_expire(self._clock.now())
+        share = self._bad / len(self._answers)
+        return share < OVERLOAD_SHARE and share**failures >= BAD_LUCK
+
+    def sent_rate(self, now: float) -> float:
+        """Requests per second sent over the last ``SEND_WINDOW`` seconds."""
         sends = self._sends
         while sends and sends[0] < now - SEND_WINDOW:
             sends.popleft()
         span = min(SEND_WINDOW, max(now - self._first_send, 0.05))
         return len(sends) / span
+
+    def throttled_share(self, now: float) -> float:
+        """The share of 429s among the answers of the last ``THROTTLE_WINDOW`` seconds to
+        requests sent since the last cut."""
+        self._expire(now)
+        return self._throttled / len(self._recent) if self._recent else 0.0
+
+    def _expire(self, now: float) -> None:
+        recent = self._recent
+        while recent and recent[0][0] < now - THROTTLE_WINDOW:
+            self._throttled -= recent.popleft()[1]
+
+    def _too_fast(self, now: float, ticket: Ticket, throttled: bool) -> bool:
+        """Count one answer toward the throttled share; whether the share now says the
+        pace is too high (more than ``THROTTLE_SHARE`` of recent answers, and at least
+        ``THROTTLE_MIN`` of them)."""
+        if self._window_since != self.cubic.cut_at:
+            # A new cut: the pace is new, and so is the evidence about it.
+            self._window_since = self.cubic.cut_at
+            self._recent.clear()
+            self._throttled = 0
+        if ticket.sent_at < self.cubic.cut_at:
+            # Sent before the last cut: it says nothing about the pace now.
+            return False
+        self._recent.append((now, throttled))
+        self._throttled += throttled
+        if not throttled:
+            return False
+        self._expire(now)
+        return self._throttled >= THROTTLE_MIN and self._throttled > THROTTLE_SHARE * len(
+            self._recent
+        )
 
     def finish(self, ticket: Ticket, verdict: Verdict | None) -> None:
         """Give the slot back and learn from the answer (``None``: nothing to learn, e.g.
@@ -419,6 +514,7 @@ class Governor:
         elif ticket.sent_at >= cubic.cut_at:
             # Only answers to requests sent after the last cut say the service is back.
             self._streak += 1
+        too_fast = self._too_fast(now, ticket, verdict is Verdict.THROTTLED)
         if verdict is Verdict.ACCEPTED:
             if ticket.retry:
                 # A retry that worked gives its token back (AWS's refund): the budget only
@@ -428,7 +524,14 @@ class Governor:
                 cubic.overloaded = False
             cubic.grow(now)
         elif verdict is Verdict.THROTTLED:
-            cubic.cut(now, ticket.sent_at, self.measured_rate(now), overload=False)
+            if too_fast:
+                # From the pace (the pacer banks enough to keep it on a real event loop);
+                # unpaced, from the rate sent. Not from the rate sent or accepted while
+                # paced: callers held by their Retry-After (after the first storm against
+                # a one-token bucket, most of them for a second) send and get little
+                # whatever the limit, and a cut from that rate ratchets the pace down.
+                base = self.sent_rate(now) if cubic.rate is None else cubic.rate
+                cubic.cut(now, ticket.sent_at, base, overload=False)
         else:
             overload = cubic.overloaded or (
                 len(self._answers) >= OVERLOAD_MIN_ANSWERS and share >= OVERLOAD_SHARE
@@ -446,9 +549,15 @@ class Governor:
         answers = self._answers
         answers.append((now, bad))
         self._bad += bad
-        while len(answers) > OVERLOAD_WINDOW_ANSWERS or answers[0][0] < now - OVERLOAD_WINDOW:
-            self._bad -= answers.popleft()[1]
+        self._record_expire(now)
         return self._bad / len(answers)
+
+    def _record_expire(self, now: float) -> None:
+        answers = self._answers
+        while answers and (
+            len(answers) > OVERLOAD_WINDOW_ANSWERS or answers[0][0] < now - OVERLOAD_WINDOW
+        ):
+            self._bad -= answers.popleft()[1]
 
     def _apply(self) -> None:
         rate = self.cubic.rate
@@ -456,10 +565,14 @@ class Governor:
             # The user's pace is strict: one send per interval, nothing banked.
             self.pacer.set_rate(self._ceiling, 1.0)
         elif rate != self.pacer.rate:
-            # Nothing banked: a service whose bucket holds one token (nginx's limit_req
-            # without burst) answers two sends close together with a 429, and each such
-            # 429 cuts the pace again (measured: 0.28 R with 20 ms banked, 0.5 R without).
+            # A couple of milliseconds banked: a late wake-up of the event loop is made up
+            # by the next send rather than lost (with nothing banked, a real loop sent
+            # 0.9 of a 1000/s pace), while two sends are never closer than the pace by
+            # more than that slack, which a one-token bucket (nginx's limit_req without
+            # burst) mostly tolerates; the 429s it does answer stay under THROTTLE_SHARE.
             # After an overload nothing holds a bucket that tight, so 20 ms of sends stay
-            # banked and a late wake-up of the event loop costs the recovery nothing.
-            banked = rate / 50 if rate is not None and self.cubic.overloaded else 1.0
+            # banked and a late wake-up costs the recovery nothing.
+            banked = 1.0 + (rate * PACER_SLACK if rate is not None else 0.0)
+            if rate is not None and self.cubic.overloaded:
+                banked = max(banked, rate / 50)
             self.pacer.set_rate(rate, banked)
