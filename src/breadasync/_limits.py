@@ -90,7 +90,7 @@ OVERLOAD_MIN_ANSWERS = 20
 OVERLOAD_SHARE = 0.5
 """Failures at or above this share of recent answers are overload (SRE's K = 2)."""
 SEND_WINDOW = 1.0
-"""Seconds over which the rates actually sent and accepted are measured."""
+"""Seconds over which the rate actually sent is measured."""
 THROTTLE_WINDOW = 2.0
 """Seconds of answers (to requests sent since the last cut) the throttled share is
 computed over."""
@@ -101,8 +101,8 @@ limit closely, not evidence that the pace is too high."""
 THROTTLE_MIN = 2
 """429s needed in the window before their share counts: one alone never cuts."""
 REGROW_SECONDS = 2.0
-"""After a 429 cut, the pace is back at the rate that was accepted within this many
-seconds (CUBIC's curve, compressed as after an overload)."""
+"""After a 429 cut, the pace is back at the rate it was cut from within this many seconds
+(CUBIC's curve scaled to that rate, as after an overload)."""
 PACER_SLACK = 0.002
 """Seconds of sends the pacer banks: an event loop wakes its timers up to a millisecond or
 two late, and a send held back that long is made up by the next instead of being lost."""
@@ -285,7 +285,8 @@ class CubicRate:
     def cut(self, now: float, sent_at: float, measured: float, *, overload: bool) -> bool:
         """Pushback seen on a request sent at ``sent_at``: lower the pace, unless it was
         already lowered since that request left. ``measured`` is the rate to cut from (the
-        rate accepted, for a 429; the rate sent, for overload). Returns whether it cut."""
+        pace, or unpaced the rate sent, for a 429; the rate sent, for overload). Returns whether
+        it cut."""
         if sent_at < self.cut_at:
             return False
         base = measured if self.rate is None else min(self.rate, measured)
@@ -309,10 +310,9 @@ class CubicRate:
         # The pace climbs back to where it was within seconds, not the five to ten that
         # CUBIC's constant takes from 0.7 of a few hundred requests/s (or from the floor,
         # after an outage): the curve keeps its shape (flat near W_max, probing beyond it
-        # ever faster), only compressed in time.
-        # After a 429 the curve is scaled to the rate cut from, whatever it is: the client
-        # does not know R, and CUBIC's constant alone takes seconds to probe a few
-        # requests/s beyond a limit of 50, and ten to regrow to one of 1000.
+        # ever faster), only compressed in time. After a 429 it is always scaled to the
+        # rate cut from: the client does not know R, and the constant alone also takes
+        # seconds to probe a few requests/s beyond a limit of 50.
         regrow = RECOVERY_SECONDS if self.overloaded else REGROW_SECONDS
         if self._k > regrow or (not self.overloaded and gap > 0):
             self._k = regrow
@@ -454,9 +454,9 @@ class Governor:
         the failure share of the client's recent answers ``p``, ``p**failures`` is at least
         :data:`BAD_LUCK`. With fewer than ``OVERLOAD_MIN_ANSWERS`` answers to judge by,
         nothing is bad luck."""
+        self._record_expire(self._clock.now())
         if self.cubic.overloaded or len(self._answers) < OVERLOAD_MIN_ANSWERS:
             return False
-        self._record_expire(self._clock.now())
         share = self._bad / len(self._answers)
         return share < OVERLOAD_SHARE and share**failures >= BAD_LUCK
 
@@ -467,12 +467,6 @@ class Governor:
             sends.popleft()
         span = min(SEND_WINDOW, max(now - self._first_send, 0.05))
         return len(sends) / span
-
-    def throttled_share(self, now: float) -> float:
-        """The share of 429s among the answers of the last ``THROTTLE_WINDOW`` seconds to
-        requests sent since the last cut."""
-        self._expire(now)
-        return self._throttled / len(self._recent) if self._recent else 0.0
 
     def _expire(self, now: float) -> None:
         recent = self._recent
