@@ -5,22 +5,17 @@ Three mechanisms, each taken from a published design and kept apart so each can 
 about (and tested on virtual time):
 
 * **A pace that rides a rate limit** (AWS SDKs' ``adaptive`` retry mode). A token bucket
-  (:class:`Pacer`, banking ``PACER_SLACK`` of sends so a late timer is made up, not lost)
-  paces sends once the service has said "too fast"; its rate follows CUBIC
-  (:class:`CubicRate`). The pace is cut, to ``BETA`` (0.7) of itself (unpaced: of the rate
-  sent), when 429s are more than ``THROTTLE_SHARE`` (2%) of the answers of the last
-  ``THROTTLE_WINDOW`` seconds to requests sent since the last cut, and at least
-  ``THROTTLE_MIN`` of them: not on each 429, since a one-token bucket answers 429 to two
-  sends that met it close together (network and event-loop jitter) at any pace, and a cut
-  per such 429 ratchets the pace down to a fraction of the limit. It then grows as
-  ``C*(t-K)**3 + W_max``, the curve scaled so that it is back at the rate it was cut from
-  after ``REGROW_SECONDS`` (2 s), flat there and probing beyond it ever faster, so the
-  client stays just under an unknown limit, and finds a raised one within seconds, at any
-  R. As in TCP, one cut per round trip. A rate that has grown to twice the last throttled
-  rate without a new 429 is dropped: the limit is gone. Unlike AWS's bucket, a 503 alone
-  does not cut (isolated 5xx from one flaky instance are not a reason to slow the whole
-  client) and the rate is not capped at twice the measured rate, so it recovers in
-  seconds.
+  (:class:`Pacer`) paces sends once the service has said "too fast"; its rate follows CUBIC
+  (:class:`CubicRate`). The pace is cut to ``BETA`` (0.7) of itself when 429s pass
+  ``THROTTLE_SHARE`` (2%) of recent answers, not on each 429: a one-token bucket answers
+  429 to two sends that met it close together (network and event-loop jitter) at any pace,
+  and a cut per such 429 ratchets the pace down to a fraction of the limit. It then grows
+  as ``C*(t-K)**3 + W_max``, scaled to be back at the rate it was cut from after
+  ``REGROW_SECONDS``, flat there and probing beyond it ever faster, so the client stays
+  just under an unknown limit and finds a raised one within seconds, at any R. One cut per
+  round trip, as in TCP. A rate grown to twice the last throttled rate without a new 429
+  is dropped: the limit is gone. A 503 alone does not cut (isolated 5xx from one flaky
+  instance are no reason to slow the whole client).
 * **Overload detection** (Google SRE book, "Handling Overload": client-side adaptive
   throttling with ``K`` = 2). When at least ``OVERLOAD_MIN_ANSWERS`` answers of the last
   ``OVERLOAD_WINDOW`` seconds are in, and half or more of them are failures (5xx, dropped
@@ -38,28 +33,21 @@ about (and tested on virtual time):
   token back (AWS's refund), so only retries that keep failing drain it. A retry beyond the
   budget waits for it rather than failing, so a retry storm cannot multiply the load.
 
-* **Bad luck is not escalated.** While the client's recent answers fail at a share ``p``
-  under overload's, a request that failed ``n`` times in a row with ``p**n >= BAD_LUCK``
-  (:meth:`Governor.bad_luck`) is retried after its first, short wait again, not after a
-  doubled one: its failures are independent flaky answers, the budget bounds what the
-  retries add, and a page held back for seconds stalls an export's writer.
+* **Bad luck is not escalated** (:meth:`Governor.bad_luck`): a request's failures in a row
+  that are likely at the client's recent failure share are retried at the first, short
+  wait, not a doubled one; the budget bounds what they add.
 
 ``Retry-After`` is not here: it delays only the request that received it (see
 :mod:`breadasync._transport`).
 
-Bounds these give (checked in ``tests/test_transport_governor.py`` on virtual time, seeded):
-with 64 callers against a service that answers every request with 503 for 10 s, the client
-sends at most 250 requests in those 10 s (183 measured: 64 a second while the first
-Retry-Afters run, then about one a second); within 4 s of the start of a total outage
-the pace is ``MIN_RATE``; in the first second after the service returns the client sends
-at least 35% of its earlier rate, and 90% in the next. Under an unknown limit of R = 50,
-300 or 1000 requests/s (a bucket of R/10) it has at least 0.95 R accepted from 5 s on,
-under 3% throttled; behind a one-token bucket seen through 1 ms of jitter, at least
-0.85 R, 0.7 R and 0.45 R accepted (R = 50, 300, 1000) under 5% throttled; with 1% of
-answers 429 at random it is never paced, and under a limit of 300 keeps 0.95 R; a limit
-that drops from 300 to 100 is followed within 2 s, one that rises from 100 to 300 found
-within 5 s (0.8 R). A GET failing four times in a row among 15% flaky answers is retried
-within 0.36 s in all; a lone caller still backs off 0.05, 0.5, 1, 2 s.
+Bounds (``tests/test_transport_governor.py``, virtual time, seeded): 64 callers against
+10 s of 503 send at most 250 requests then (183 measured); within 4 s of a total outage
+the pace is ``MIN_RATE``, and after it 35% of the earlier rate in the first second, 90% in
+the next. Under an unknown limit of R = 50, 300 or 1000/s (bucket R/10): >= 0.95 R
+accepted from 5 s on, < 3% throttled; a one-token bucket behind 1 ms of jitter: 0.85 R,
+0.7 R, 0.45 R, < 5% throttled; 1% of 429s at random never pace it; a limit dropping from
+300 to 100 is followed within 2 s, one rising from 100 to 300 found within 5 s. A GET
+failing 4 times in a row among 15% flaky answers is retried within 0.36 s in all.
 """
 
 from __future__ import annotations
@@ -92,20 +80,16 @@ OVERLOAD_SHARE = 0.5
 SEND_WINDOW = 1.0
 """Seconds over which the rate actually sent is measured."""
 THROTTLE_WINDOW = 2.0
-"""Seconds of answers (to requests sent since the last cut) the throttled share is
-computed over."""
+"""Seconds of answers (to requests sent since the last cut) the throttled share covers."""
 THROTTLE_SHARE = 0.02
-"""A throttled share of recent answers above this cuts the pace: isolated 429s below it
-(two sends that met a one-token bucket too close together) are the price of riding the
-limit closely, not evidence that the pace is too high."""
+"""A throttled share of recent answers above this cuts the pace; isolated 429s below it
+are the price of riding a limit closely, not evidence that the pace is too high."""
 THROTTLE_MIN = 2
 """429s needed in the window before their share counts: one alone never cuts."""
 REGROW_SECONDS = 2.0
-"""After a 429 cut, the pace is back at the rate it was cut from within this many seconds
-(CUBIC's curve scaled to that rate, as after an overload)."""
+"""After a 429 cut, the pace is back at the rate it was cut from within this many seconds."""
 PACER_SLACK = 0.002
-"""Seconds of sends the pacer banks: an event loop wakes its timers up to a millisecond or
-two late, and a send held back that long is made up by the next instead of being lost."""
+"""Seconds of sends the pacer banks: a timer woken a millisecond or two late is made up."""
 PEAK_SECONDS = 5
 """How far back the pace before an overload is looked for."""
 RECOVERY_SECONDS = 3.0
@@ -115,9 +99,8 @@ QUIET_SECONDS = 30.0
 """Without pushback for this long, and grown to twice the last throttled rate, the pace is
 dropped: the limit is gone."""
 BAD_LUCK = 1e-4
-"""A request's failures in a row are bad luck (its retries keep their first, short wait)
-while the chance of as many in a row, at the client's recent failure share, is at least
-this: 4 in a row at a 15% share (5e-4), 3 at 5%; never during an overload."""
+"""Failures in a row are bad luck while as many are this likely at the client's recent
+failure share: 4 in a row at 15% (5e-4), 3 at 5%."""
 RETRY_RATIO = 0.2
 """Retries allowed per first attempt (Finagle's ``percentCanRetry``)."""
 RETRY_PER_SECOND = 5.0
@@ -307,12 +290,9 @@ class CubicRate:
         gap = max(0.0, self._w_max - self.rate)
         self._c = CUBIC_C
         self._k = math.cbrt(gap / CUBIC_C)
-        # The pace climbs back to where it was within seconds, not the five to ten that
-        # CUBIC's constant takes from 0.7 of a few hundred requests/s (or from the floor,
-        # after an outage): the curve keeps its shape (flat near W_max, probing beyond it
-        # ever faster), only compressed in time. After a 429 it is always scaled to the
-        # rate cut from: the client does not know R, and the constant alone also takes
-        # seconds to probe a few requests/s beyond a limit of 50.
+        # Back where it was within seconds, not the 5-10 that CUBIC's constant takes from
+        # 0.7 of a few hundred/s (or from the floor): the same curve, compressed. After a
+        # 429 always scaled to W_max: the constant alone probes a limit of 50 too slowly.
         regrow = RECOVERY_SECONDS if self.overloaded else REGROW_SECONDS
         if self._k > regrow or (not self.overloaded and gap > 0):
             self._k = regrow
@@ -449,11 +429,9 @@ class Governor:
         return self.sent_rate(now)
 
     def bad_luck(self, failures: int) -> bool:
-        """Whether ``failures`` failed attempts in a row of one request are likely bad luck
-        (independent flaky answers) rather than a service in trouble: no overload, and at
-        the failure share of the client's recent answers ``p``, ``p**failures`` is at least
-        :data:`BAD_LUCK`. With fewer than ``OVERLOAD_MIN_ANSWERS`` answers to judge by,
-        nothing is bad luck."""
+        """Whether one request's ``failures`` in a row are likely bad luck: no overload, at
+        least ``OVERLOAD_MIN_ANSWERS`` recent answers, and at their failure share ``p``,
+        ``p**failures >= BAD_LUCK``."""
         self._record_expire(self._clock.now())
         if self.cubic.overloaded or len(self._answers) < OVERLOAD_MIN_ANSWERS:
             return False
@@ -559,13 +537,11 @@ class Governor:
             # The user's pace is strict: one send per interval, nothing banked.
             self.pacer.set_rate(self._ceiling, 1.0)
         elif rate != self.pacer.rate:
-            # A couple of milliseconds banked: a late wake-up of the event loop is made up
-            # by the next send rather than lost (with nothing banked, a real loop sent
-            # 0.9 of a 1000/s pace), while two sends are never closer than the pace by
-            # more than that slack, which a one-token bucket (nginx's limit_req without
-            # burst) mostly tolerates; the 429s it does answer stay under THROTTLE_SHARE.
-            # After an overload nothing holds a bucket that tight, so 20 ms of sends stay
-            # banked and a late wake-up costs the recovery nothing.
+            # A late wake-up of the event loop is made up by the next send, not lost; two
+            # sends are never closer than the pace by more than PACER_SLACK, which a
+            # one-token bucket mostly tolerates. After an overload no bucket is that
+            # tight: 20 ms of sends stay banked and a late wake-up costs the recovery
+            # nothing.
             banked = 1.0 + (rate * PACER_SLACK if rate is not None else 0.0)
             if rate is not None and self.cubic.overloaded:
                 banked = max(banked, rate / 50)
