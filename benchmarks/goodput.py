@@ -26,6 +26,7 @@ go to RESULTS.md (section ``goodput``) and a PNG of requests over time per scena
 
     python -m benchmarks.goodput                       # all of it
     python -m benchmarks.goodput --only flaky          # one scenario (and no faults)
+    python -m benchmarks.goodput --only rate --burst 1 --burst R --no-write
 """
 
 from __future__ import annotations
@@ -186,13 +187,17 @@ def same_rows(a: Path, b: Path) -> bool:
     return bool(first.equals(second))
 
 
-def run_rate_limited(rate: float, seconds: float) -> Outcome:
+def run_rate_limited(rate: float, seconds: float, burst: str = "1") -> Outcome:
+    """64 callers against a per-key bucket of ``rate``/s holding ``burst`` tokens (a number,
+    or ``R``: a second's worth)."""
+    tokens = round(rate) if burst == "R" else int(burst)
     scenario = {
         "speed": 1,
         "faults": {
             "latency": LATENCY,
             "jitter": JITTER,
             "key_rate_limit": rate,
+            "key_rate_burst": tokens,
             "key_rate_no_header": 0.0,
         },
         "targets": [{"repo": "bench", "target": "g", "rows": 10, "rollout": "complete"}],
@@ -222,7 +227,7 @@ def run_rate_limited(rate: float, seconds: float) -> Outcome:
     share = sum(s in THROTTLED for s in after) / max(len(after), 1)
     ok = accepted >= 0.8 * rate and share < 0.05
     return Outcome(
-        f"rate limited, R = {rate:.0f}/s",
+        f"rate limited, R = {rate:.0f}/s" + ("" if burst == "1" else f", burst {burst}"),
         times[-1] if times else 0.0,
         len(log),
         sum(s in THROTTLED for s in statuses),
@@ -347,7 +352,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--only", choices=("flaky", "rate", "overload", "fanout"), action="append")
+    parser.add_argument(
+        "--burst",
+        action="append",
+        help="tokens of the rate limit's bucket: a number or R (a second's worth); repeat for "
+        "more rows (default 1)",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print the table; leave RESULTS.md and the PNG"
+    )
     args = parser.parse_args()
+    bursts = args.burst or ["1"]
     only = set(args.only or ("flaky", "rate", "overload", "fanout"))
     outcomes: list[Outcome] = []
     clean, clean_dest = run_export("no faults", args.rows, {})
@@ -364,7 +379,9 @@ def main() -> None:
     clean.verdict = "the reference"
     shutil.rmtree(clean_dest, ignore_errors=True)
     if "rate" in only:
-        outcomes += [run_rate_limited(rate, args.seconds) for rate in RATES]
+        outcomes += [
+            run_rate_limited(rate, args.seconds, burst) for burst in bursts for rate in RATES
+        ]
     if "overload" in only:
         outcomes.append(run_overload(args.rows))
     if "fanout" in only:
@@ -381,7 +398,8 @@ def main() -> None:
         ]
         for o in outcomes
     ]
-    draw(outcomes)
+    if not args.no_write:
+        draw(outcomes)
     body = (
         "## Goodput under faults and rate limits (issue 12)\n\n"
         f"Exports of {args.rows:,} rows of {profile_label()}, page cap {PAGE_CAP}, "
@@ -408,7 +426,8 @@ def main() -> None:
         )
         + f"\n\n![requests over time per scenario]({PNG.name})"
     )
-    write_section(section("goodput"), body)
+    if not args.no_write:
+        write_section(section("goodput"), body)
     print(body)
 
 

@@ -93,7 +93,10 @@ class RetryPolicy:
             governor (pace cut on overload) and the retry budget, not each request's own
             wait, are what protect a struggling service. Its later retries keep the
             schedule (``initial_backoff * 2``, ...), so a call outlasts an outage as long
-            as before, and a ``Retry-After`` is still the floor.
+            as before, and a ``Retry-After`` is still the floor. While the client's other
+            answers mostly succeed, the schedule does not grow: a request's failures in a
+            row are then bad luck (see :mod:`breadasync._limits`), retried at the first
+            step's wait.
     """
 
     max_retries: int = 5

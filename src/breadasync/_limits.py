@@ -6,14 +6,16 @@ about (and tested on virtual time):
 
 * **A pace that rides a rate limit** (AWS SDKs' ``adaptive`` retry mode). A token bucket
   (:class:`Pacer`) paces sends once the service has said "too fast"; its rate follows CUBIC
-  (:class:`CubicRate`): on a 429 it drops to ``BETA`` (0.7) of the rate actually being sent,
-  then grows as ``C*(t-K)**3 + W_max`` (``C`` = 0.4), flat near the rate that was throttled
-  and probing beyond it only slowly, so the client stays just under an unknown limit instead
-  of oscillating into it. As in TCP, one cut per round trip: only an answer to a request sent
-  after the last cut cuts again. A rate that has grown to twice the last throttled rate
-  without a new 429 is dropped: the limit is gone. Unlike AWS's bucket, a 503 alone does
-  not cut (isolated 5xx from one flaky instance are not a reason to slow the whole client)
-  and the rate is not capped at twice the measured rate, so it recovers in seconds.
+  (:class:`CubicRate`). The pace is cut to ``BETA`` (0.7) of itself when 429s pass
+  ``THROTTLE_SHARE`` (2%) of recent answers, not on each 429: a one-token bucket answers
+  429 to two sends that met it close together (network and event-loop jitter) at any pace,
+  and a cut per such 429 ratchets the pace down to a fraction of the limit. It then grows
+  as ``C*(t-K)**3 + W_max``, scaled to be back at the rate it was cut from after
+  ``REGROW_SECONDS``, flat there and probing beyond it ever faster, so the client stays
+  just under an unknown limit and finds a raised one within seconds, at any R. One cut per
+  round trip, as in TCP. A rate grown to twice the last throttled rate without a new 429
+  is dropped: the limit is gone. A 503 alone does not cut (isolated 5xx from one flaky
+  instance are no reason to slow the whole client).
 * **Overload detection** (Google SRE book, "Handling Overload": client-side adaptive
   throttling with ``K`` = 2). When at least ``OVERLOAD_MIN_ANSWERS`` answers of the last
   ``OVERLOAD_WINDOW`` seconds are in, and half or more of them are failures (5xx, dropped
@@ -31,16 +33,21 @@ about (and tested on virtual time):
   token back (AWS's refund), so only retries that keep failing drain it. A retry beyond the
   budget waits for it rather than failing, so a retry storm cannot multiply the load.
 
+* **Bad luck is not escalated** (:meth:`Governor.bad_luck`): a request's failures in a row
+  that are likely at the client's recent failure share are retried at the first, short
+  wait, not a doubled one; the budget bounds what they add.
+
 ``Retry-After`` is not here: it delays only the request that received it (see
 :mod:`breadasync._transport`).
 
-Bounds these give (checked in ``tests/test_transport_governor.py`` on virtual time, seeded):
-with 64 callers against a service that answers every request with 503 for 10 s, the client
-sends at most 250 requests in those 10 s (183 measured: 64 a second while the first
-Retry-Afters run, then about one a second); within 4 s of the start of a total outage
-the pace is ``MIN_RATE``; in the first second after the service returns the client sends
-at least 35% of its earlier rate, and 90% in the next. Under an unknown limit of R = 50,
-300 or 1000 requests/s it sends at least 0.85 R from 5 s on, under 2% of it throttled.
+Bounds (``tests/test_transport_governor.py``, virtual time, seeded): 64 callers against
+10 s of 503 send at most 250 requests then (183 measured); within 4 s of a total outage
+the pace is ``MIN_RATE``, and after it 35% of the earlier rate in the first second, 90% in
+the next. Under an unknown limit of R = 50, 300 or 1000/s (bucket R/10): >= 0.95 R
+accepted from 5 s on, < 3% throttled; a one-token bucket behind 1 ms of jitter: 0.85 R,
+0.7 R, 0.45 R, < 5% throttled; 1% of 429s at random never pace it; a limit dropping from
+300 to 100 is followed within 2 s, one rising from 100 to 300 found within 5 s. A GET
+failing 4 times in a row among 15% flaky answers is retried within 0.36 s in all.
 """
 
 from __future__ import annotations
@@ -72,6 +79,17 @@ OVERLOAD_SHARE = 0.5
 """Failures at or above this share of recent answers are overload (SRE's K = 2)."""
 SEND_WINDOW = 1.0
 """Seconds over which the rate actually sent is measured."""
+THROTTLE_WINDOW = 2.0
+"""Seconds of answers (to requests sent since the last cut) the throttled share covers."""
+THROTTLE_SHARE = 0.02
+"""A throttled share of recent answers above this cuts the pace; isolated 429s below it
+are the price of riding a limit closely, not evidence that the pace is too high."""
+THROTTLE_MIN = 2
+"""429s needed in the window before their share counts: one alone never cuts."""
+REGROW_SECONDS = 2.0
+"""After a 429 cut, the pace is back at the rate it was cut from within this many seconds."""
+PACER_SLACK = 0.002
+"""Seconds of sends the pacer banks: a timer woken a millisecond or two late is made up."""
 PEAK_SECONDS = 5
 """How far back the pace before an overload is looked for."""
 RECOVERY_SECONDS = 3.0
@@ -80,6 +98,9 @@ curve, compressed)."""
 QUIET_SECONDS = 30.0
 """Without pushback for this long, and grown to twice the last throttled rate, the pace is
 dropped: the limit is gone."""
+BAD_LUCK = 1e-4
+"""Failures in a row are bad luck while as many are this likely at the client's recent
+failure share: 4 in a row at 15% (5e-4), 3 at 5%."""
 RETRY_RATIO = 0.2
 """Retries allowed per first attempt (Finagle's ``percentCanRetry``)."""
 RETRY_PER_SECOND = 5.0
@@ -246,8 +267,9 @@ class CubicRate:
 
     def cut(self, now: float, sent_at: float, measured: float, *, overload: bool) -> bool:
         """Pushback seen on a request sent at ``sent_at``: lower the pace, unless it was
-        already lowered since that request left. ``measured`` is the rate actually sent (the
-        pace when the pace is what holds sends back). Returns whether it cut."""
+        already lowered since that request left. ``measured`` is the rate to cut from (the
+        pace, or unpaced the rate sent, for a 429; the rate sent, for overload). Returns whether
+        it cut."""
         if sent_at < self.cut_at:
             return False
         base = measured if self.rate is None else min(self.rate, measured)
@@ -268,11 +290,13 @@ class CubicRate:
         gap = max(0.0, self._w_max - self.rate)
         self._c = CUBIC_C
         self._k = math.cbrt(gap / CUBIC_C)
-        if self.overloaded and self._k > RECOVERY_SECONDS:
-            # After an outage the pace climbs back to where it was within seconds, not the
-            # ten or more that CUBIC's constant would take from the floor.
-            self._k = RECOVERY_SECONDS
-            self._c = gap / RECOVERY_SECONDS**3
+        # Back where it was within seconds, not the 5-10 that CUBIC's constant takes from
+        # 0.7 of a few hundred/s (or from the floor): the same curve, compressed. After a
+        # 429 always scaled to W_max: the constant alone probes a limit of 50 too slowly.
+        regrow = RECOVERY_SECONDS if self.overloaded else REGROW_SECONDS
+        if self._k > regrow or (not self.overloaded and gap > 0):
+            self._k = regrow
+            self._c = gap / regrow**3
 
     def failed(self, now: float) -> None:
         """A failure during an overload: growth starts again from here."""
@@ -358,6 +382,9 @@ class Governor:
         self._first_send = math.inf
         self._answers: deque[tuple[float, bool]] = deque()
         self._bad = 0
+        self._recent: deque[tuple[float, bool]] = deque()
+        self._throttled = 0
+        self._window_since = -math.inf
         self._streak = 0
         self._apply()
 
@@ -399,11 +426,51 @@ class Governor:
         sends of the last ``SEND_WINDOW`` seconds."""
         if self.pacer.rate is not None and now - self.pacer.waited_at < SEND_WINDOW / 2:
             return self.pacer.rate
+        return self.sent_rate(now)
+
+    def bad_luck(self, failures: int) -> bool:
+        """Whether one request's ``failures`` in a row are likely bad luck: no overload, at
+        least ``OVERLOAD_MIN_ANSWERS`` recent answers, and at their failure share ``p``,
+        ``p**failures >= BAD_LUCK``."""
+        self._record_expire(self._clock.now())
+        if self.cubic.overloaded or len(self._answers) < OVERLOAD_MIN_ANSWERS:
+            return False
+        share = self._bad / len(self._answers)
+        return share < OVERLOAD_SHARE and share**failures >= BAD_LUCK
+
+    def sent_rate(self, now: float) -> float:
+        """Requests per second sent over the last ``SEND_WINDOW`` seconds."""
         sends = self._sends
         while sends and sends[0] < now - SEND_WINDOW:
             sends.popleft()
         span = min(SEND_WINDOW, max(now - self._first_send, 0.05))
         return len(sends) / span
+
+    def _expire(self, now: float) -> None:
+        recent = self._recent
+        while recent and recent[0][0] < now - THROTTLE_WINDOW:
+            self._throttled -= recent.popleft()[1]
+
+    def _too_fast(self, now: float, ticket: Ticket, throttled: bool) -> bool:
+        """Count one answer toward the throttled share; whether the share now says the
+        pace is too high (more than ``THROTTLE_SHARE`` of recent answers, and at least
+        ``THROTTLE_MIN`` of them)."""
+        if self._window_since != self.cubic.cut_at:
+            # A new cut: the pace is new, and so is the evidence about it.
+            self._window_since = self.cubic.cut_at
+            self._recent.clear()
+            self._throttled = 0
+        if ticket.sent_at < self.cubic.cut_at:
+            # Sent before the last cut: it says nothing about the pace now.
+            return False
+        self._recent.append((now, throttled))
+        self._throttled += throttled
+        if not throttled:
+            return False
+        self._expire(now)
+        return self._throttled >= THROTTLE_MIN and self._throttled > THROTTLE_SHARE * len(
+            self._recent
+        )
 
     def finish(self, ticket: Ticket, verdict: Verdict | None) -> None:
         """Give the slot back and learn from the answer (``None``: nothing to learn, e.g.
@@ -419,6 +486,7 @@ class Governor:
         elif ticket.sent_at >= cubic.cut_at:
             # Only answers to requests sent after the last cut say the service is back.
             self._streak += 1
+        too_fast = self._too_fast(now, ticket, verdict is Verdict.THROTTLED)
         if verdict is Verdict.ACCEPTED:
             if ticket.retry:
                 # A retry that worked gives its token back (AWS's refund): the budget only
@@ -428,7 +496,14 @@ class Governor:
                 cubic.overloaded = False
             cubic.grow(now)
         elif verdict is Verdict.THROTTLED:
-            cubic.cut(now, ticket.sent_at, self.measured_rate(now), overload=False)
+            if too_fast:
+                # From the pace (the pacer banks enough to keep it on a real event loop);
+                # unpaced, from the rate sent. Not from the rate sent or accepted while
+                # paced: callers held by their Retry-After (after the first storm against
+                # a one-token bucket, most of them for a second) send and get little
+                # whatever the limit, and a cut from that rate ratchets the pace down.
+                base = self.sent_rate(now) if cubic.rate is None else cubic.rate
+                cubic.cut(now, ticket.sent_at, base, overload=False)
         else:
             overload = cubic.overloaded or (
                 len(self._answers) >= OVERLOAD_MIN_ANSWERS and share >= OVERLOAD_SHARE
@@ -446,9 +521,15 @@ class Governor:
         answers = self._answers
         answers.append((now, bad))
         self._bad += bad
-        while len(answers) > OVERLOAD_WINDOW_ANSWERS or answers[0][0] < now - OVERLOAD_WINDOW:
-            self._bad -= answers.popleft()[1]
+        self._record_expire(now)
         return self._bad / len(answers)
+
+    def _record_expire(self, now: float) -> None:
+        answers = self._answers
+        while answers and (
+            len(answers) > OVERLOAD_WINDOW_ANSWERS or answers[0][0] < now - OVERLOAD_WINDOW
+        ):
+            self._bad -= answers.popleft()[1]
 
     def _apply(self) -> None:
         rate = self.cubic.rate
@@ -456,10 +537,12 @@ class Governor:
             # The user's pace is strict: one send per interval, nothing banked.
             self.pacer.set_rate(self._ceiling, 1.0)
         elif rate != self.pacer.rate:
-            # Nothing banked: a service whose bucket holds one token (nginx's limit_req
-            # without burst) answers two sends close together with a 429, and each such
-            # 429 cuts the pace again (measured: 0.28 R with 20 ms banked, 0.5 R without).
-            # After an overload nothing holds a bucket that tight, so 20 ms of sends stay
-            # banked and a late wake-up of the event loop costs the recovery nothing.
-            banked = rate / 50 if rate is not None and self.cubic.overloaded else 1.0
+            # A late wake-up of the event loop is made up by the next send, not lost; two
+            # sends are never closer than the pace by more than PACER_SLACK, which a
+            # one-token bucket mostly tolerates. After an overload no bucket is that
+            # tight: 20 ms of sends stay banked and a late wake-up costs the recovery
+            # nothing.
+            banked = 1.0 + (rate * PACER_SLACK if rate is not None else 0.0)
+            if rate is not None and self.cubic.overloaded:
+                banked = max(banked, rate / 50)
             self.pacer.set_rate(rate, banked)

@@ -76,6 +76,7 @@ def backoff(
     rng: random.Random | None = None,
     *,
     read: bool = False,
+    escalate: bool = True,
 ) -> float:
     """Seconds to wait before retry number ``retry`` (0 for the first retry).
 
@@ -84,7 +85,14 @@ def backoff(
     connection) waits ``first_read_backoff`` before its first retry if that is shorter, and
     then follows the schedule one step later (``initial_backoff``, twice that...); with a
     ``Retry-After`` (the service's own signal, and overload's) the schedule is unchanged.
+
+    ``escalate=False`` (the client as a whole says this request's failures are bad luck, see
+    :meth:`breadasync._limits.Governor.bad_luck`) keeps the schedule at its first step:
+    doubling the wait of one request among many that succeed protects no one (the retry
+    budget bounds what retries add) and holds back whatever waits for that request.
     """
+    if not escalate:
+        retry = 0
     step = retry
     if read and retry_after is None and policy.first_read_backoff < policy.initial_backoff:
         if retry == 0:

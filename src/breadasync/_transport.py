@@ -392,7 +392,10 @@ class Transport:
             )
             return None
         # The wait is this request's own: Retry-After is a floor for it, not for the client.
-        wait = backoff(policy, attempt, retry_after, self._rng, read=read)
+        # Failures the client as a whole calls bad luck (a flaky instance among healthy
+        # ones) are retried at the first step's wait however many in a row.
+        escalate = not self._governor.bad_luck(attempt + 1)
+        wait = backoff(policy, attempt, retry_after, self._rng, read=read, escalate=escalate)
         if self._clock.now() + wait > deadline:
             _gave_up(
                 error,

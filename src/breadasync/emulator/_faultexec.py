@@ -105,10 +105,18 @@ class FaultExecution(EmulatorCore):
         scope: tuple[str, str] | None,
     ) -> tuple[web.StreamResponse, str | None]:
         if faults is not None:
+            # The key's bucket is a gateway's: it sees each request as it arrives, before
+            # the backend's latency (whose jitter would otherwise reorder the arrivals and
+            # turn a one-token bucket into a lottery whatever the client's pace).
+            key_wait = (
+                0.0
+                if faults.key_rate_limit is None
+                else self._take_key_token(faults, scope, request)
+            )
             delay = faults.latency + (self._rng.random() * faults.jitter if faults.jitter else 0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            early = self._early_fault(faults, scope, request)
+            early = self._early_fault(faults, scope, request, key_wait)
             if early is not None:
                 return early
         denied = self._authenticate(request)
@@ -144,7 +152,11 @@ class FaultExecution(EmulatorCore):
         return True
 
     def _early_fault(
-        self, faults: Faults, scope: tuple[str, str] | None, request: web.Request
+        self,
+        faults: Faults,
+        scope: tuple[str, str] | None,
+        request: web.Request,
+        key_wait: float = 0.0,
     ) -> tuple[web.Response, str] | None:
         with self._lock:
             if faults.redirect_to and self._take_fault(faults, scope):
@@ -159,12 +171,10 @@ class FaultExecution(EmulatorCore):
                         else {"Retry-After": str(math.ceil(faults.overload_retry_after))}
                     )
                     return self._error(503, "Service overloaded", headers), "overload"
-            if faults.key_rate_limit is not None:
-                wait = self._take_key_token(faults, scope, request)
-                if wait > 0 and self._take_fault(faults, scope):
-                    return self._error(
-                        429, "Rate limit exceeded", self._key_rate_headers(wait, faults)
-                    ), "rate_limit"
+            if key_wait > 0 and self._take_fault(faults, scope):
+                return self._error(
+                    429, "Rate limit exceeded", self._key_rate_headers(key_wait, faults)
+                ), "rate_limit"
             if faults.rate_limit is not None:
                 wait = self._take_token(faults, scope)
                 if wait > 0 and self._take_fault(faults, scope):
