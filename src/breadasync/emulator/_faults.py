@@ -90,8 +90,9 @@ class Faults:
     rate_burst: int = 1
     key_rate_limit: float | None = None
     """Requests per second allowed per API key: one token bucket (wall clock, burst
-    ``key_rate_burst``) shared by every request of a key, as a real gateway keeps it. The
-    excess is 429 with ``Retry-After`` rounded up to whole seconds, as delta-seconds or as an
+    ``key_rate_burst``) shared by every request of a key, as a real gateway keeps it, taken
+    when the request arrives (before the ``latency`` of the backend behind it). The excess
+    is 429 with ``Retry-After`` rounded up to whole seconds, as delta-seconds or as an
     HTTP-date of 1 s resolution (half each), or with no header at all
     (``key_rate_no_header`` of them)."""
     key_rate_burst: int = 1
