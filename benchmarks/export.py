@@ -72,7 +72,7 @@ TRIED = (
     "and a child's start-up. Decoding in-process while the child starts (a hybrid) was "
     "tried and dropped: those first pages grew the parent's heap and loop lag as much as "
     "threads do for the whole export. The window of pages "
-    "fetched ahead is `concurrency * 4096` rows, so one page waiting for its retry does "
+    "fetched ahead is `concurrency * 8192` rows, so one page waiting for its retry does "
     "not stall the fetches beyond it (benchmarks/goodput.py)."
 )
 PAGE = 1000

@@ -64,9 +64,9 @@ class StallOne(Emulator):
 
 
 def test_the_default_window_holds_rows_per_request_in_flight() -> None:
-    assert ExportOptions().pages_ahead == -(-16 * WINDOW_ROWS_PER_REQUEST // 1000) == 66
-    assert ExportOptions(concurrency=2).pages_ahead == 10  # concurrency + 8 is the floor
-    assert ExportOptions(page_size=250).pages_ahead == 263  # 65,536 rows, rounded up
+    assert ExportOptions().pages_ahead == -(-16 * WINDOW_ROWS_PER_REQUEST // 1000) == 132
+    assert ExportOptions(concurrency=2).pages_ahead == 17  # 16,384 rows, rounded up
+    assert ExportOptions(page_size=250).pages_ahead == 525  # 131,072 rows, rounded up
     assert ExportOptions(window=5).pages_ahead == 5
 
 
