@@ -31,10 +31,12 @@ from breadasync.export import batch_to_rows
 from breadasync.export._threads import running
 
 ROUNDS = 50
-ROWS = 3000
+# Six parts of 250 rows in 15 pages (two parts a target for export_many): every stage is
+# there to be cancelled; more rows would only make each round longer.
+ROWS = 1500
 MANY = ("a", "b", "c")
 ROBUST = RetryPolicy(max_retries=10, initial_backoff=0.002, max_backoff=0.02)
-OPTIONS: dict[str, Any] = {"page_size": 100, "rows_per_part": 500, "concurrency": 4}
+OPTIONS: dict[str, Any] = {"page_size": 100, "rows_per_part": 250, "concurrency": 4}
 
 
 def rows_digest(rows: list[dict[str, Any]]) -> str:
@@ -69,7 +71,7 @@ async def stress(entry: str, dest: Path, seed: int, rounds: int) -> dict[str, An
         before = asyncio.all_tasks()
         resume = True
         for i in range(rounds):
-            delay = rng.uniform(0.0, 0.25)
+            delay = rng.uniform(0.0, 0.125)  # about as long as one whole call, at most
             how = ("task", "timeout", "wait_for")[i % 3]
             deadline = loop.time() + delay
             finished = tally["finished"]
