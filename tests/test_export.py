@@ -293,7 +293,7 @@ async def test_killed_exporter_resumes_fetching_only_missing_parts(tmp_path: Pat
             async def main():
                 async with BreadClient() as client:
                     await client.export_rollout("t", repo_name="r", dest={str(dest)!r},
-                                                rows_per_part=4000, concurrency=2)
+                                                rows_per_part=4000, concurrency=2, window=10)
             asyncio.run(main())
         """)
         env = {**os.environ, "BREAD_API_KEY": killer.api_key, "BREAD_BASE_URL": killer.url or ""}
