@@ -48,22 +48,27 @@ class Run:
         return Counter(int(t) for t, _ in self.seen)
 
 
+def governed(service: Service) -> Transport:
+    """A transport with the default policies in front of ``service``, on the virtual clock."""
+    return Transport(
+        api_key="sk-governor-test",
+        base_url=URL("https://bread.test"),
+        timeouts=Timeouts(),
+        retry=RetryPolicy(),
+        limits=Limits(),
+        transport=MockTransport(service),
+        clock=CLOCK,
+        rng=random.Random(7),
+    )
+
+
 def drive(service: Service, *, duration: float, workers: int = 64) -> Run:
     """``workers`` callers, each sending one request after another until ``duration``."""
     run = Run()
     service.run = run
 
     async def main() -> None:
-        transport = Transport(
-            api_key="sk-governor-test",
-            base_url=URL("https://bread.test"),
-            timeouts=Timeouts(),
-            retry=RetryPolicy(),
-            limits=Limits(),
-            transport=MockTransport(service),
-            clock=CLOCK,
-            rng=random.Random(7),
-        )
+        transport = governed(service)
 
         async def caller() -> None:
             while CLOCK.now() < duration:
@@ -346,16 +351,7 @@ def unlucky_attempts(service: Unlucky, *, workers: int) -> list[float]:
     service.run = Run()
 
     async def main() -> None:
-        transport = Transport(
-            api_key="sk-governor-test",
-            base_url=URL("https://bread.test"),
-            timeouts=Timeouts(),
-            retry=RetryPolicy(),
-            limits=Limits(),
-            transport=MockTransport(service),
-            clock=CLOCK,
-            rng=random.Random(7),
-        )
+        transport = governed(service)
         done = anyio.Event()
 
         async def caller() -> None:
