@@ -14,29 +14,19 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks._common import per_page_ms
 from breadasync.emulator._data import RowShape, page_bytes, target_seed
 from breadasync.export import ColumnMode, rows_to_batch
 from breadasync.export._reader import decode_page
 
 PATH = "/v1/repo/r/targets/t/rollout/output"
 MODES: tuple[ColumnMode, ...] = ("json", "typed")
-
-
-def per_page_ms(pages: list[bytes], work: Callable[[int, bytes], object], rounds: int) -> float:
-    """CPU milliseconds of this process per page."""
-    started = time.process_time()
-    for _ in range(rounds):
-        for i, body in enumerate(pages):
-            work(i, body)
-    return (time.process_time() - started) * 1000 / (len(pages) * rounds)
 
 
 def parquet_bytes(batch: pa.RecordBatch) -> int:

@@ -22,7 +22,6 @@ import argparse
 import io
 import resource
 import time
-from collections.abc import Callable
 
 import orjson
 import pyarrow as pa
@@ -30,20 +29,12 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from tests.decode_pages import realistic_page
 
+from benchmarks._common import per_page_ms
 from breadasync import ProtocolError
 from breadasync.export import DecodeProcesses, rows_to_batch
 from breadasync.export._reader import decode_page
 
 PATH = "/v1/repo/r/targets/t/rollout/output"
-
-
-def per_page_ms(pages: list[bytes], work: Callable[[int, bytes], object], rounds: int) -> float:
-    """CPU milliseconds of this process per page."""
-    started = time.process_time()
-    for _ in range(rounds):
-        for i, body in enumerate(pages):
-            work(i, body)
-    return (time.process_time() - started) * 1000 / (len(pages) * rounds)
 
 
 def parquet(batch: pa.RecordBatch) -> None:
