@@ -8,6 +8,7 @@ import email.utils
 import logging
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -46,6 +47,18 @@ class Run:
 
     def per_second(self) -> Counter[int]:
         return Counter(int(t) for t, _ in self.seen)
+
+
+def run_quietly(main: Callable[[], Awaitable[None]]) -> None:
+    """``main`` on virtual time with the client's DEBUG lines off: tens of thousands of
+    attempts would cost more in logging than the run itself."""
+    logger = logging.getLogger("breadasync")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        run_virtual(main)
+    finally:
+        logger.setLevel(level)
 
 
 def governed(service: Service) -> Transport:
@@ -88,14 +101,7 @@ def drive(service: Service, *, duration: float, workers: int = 64) -> Run:
         )
         await transport.aclose()
 
-    # Tens of thousands of attempts: their DEBUG lines would cost more than the run itself.
-    logger = logging.getLogger("breadasync")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        run_virtual(main)
-    finally:
-        logger.setLevel(level)
+    run_quietly(main)
     return run
 
 
@@ -369,13 +375,7 @@ def unlucky_attempts(service: Unlucky, *, workers: int) -> list[float]:
             done.set()
         await transport.aclose()
 
-    logger = logging.getLogger("breadasync")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        run_virtual(main)
-    finally:
-        logger.setLevel(level)
+    run_quietly(main)
     return service.unlucky
 
 
