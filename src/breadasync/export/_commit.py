@@ -208,23 +208,17 @@ def reconcile(
         records = manifest.get("parts") or []
     elif journal:
         found, records = journal[0], journal[1:]
-    elif store.part_names():
+    elif names := store.part_names():
         found = {}
         if damaged:
             # No manifest to go by: the parts' footers say whose they are, so a damaged
             # manifest never lets resume=False replace another target's export.
-            footer = store.part_identity(min(store.part_names()))
-            if footer is not None and (footer.get("repo"), footer.get("target")) == (
-                wanted.get("repo"),
-                wanted.get("target"),
-            ):
+            footer = store.part_identity(min(names))
+            if footer is not None and _same_target(footer, wanted):
                 found = None
     is_same = found is not None and same(found, wanted)
     if found is not None and not is_same:
-        same_target = (found.get("repo"), found.get("target")) == (
-            wanted.get("repo"),
-            wanted.get("target"),
-        )
+        same_target = _same_target(found, wanted)
         if not (same_target and not resume):
             raise ExportMismatchError(
                 f"{shown!r} already holds an export of {describe(found)}, not of {what}; "
@@ -262,6 +256,10 @@ def reconcile(
     for name in store.part_names() - kept - {p.name for p in parts}:
         store.remove(name)  # parts of an earlier, replaced layout
     return keep, todo, False
+
+
+def _same_target(one: dict[str, Any], other: dict[str, Any]) -> bool:
+    return (one.get("repo"), one.get("target")) == (other.get("repo"), other.get("target"))
 
 
 def commit(store: Destination, manifest: dict[str, Any], schema: pa.Schema) -> None:
