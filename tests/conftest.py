@@ -233,15 +233,27 @@ def _open_files() -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_files() -> Iterator[None]:
-    """No test may leave a file, socket or pipe open behind it."""
+def _no_leaked_files(request: pytest.FixtureRequest) -> Iterator[None]:
+    """No test may leave a file, socket or pipe open behind it.
+
+    A test module may name what a library keeps open process-wide (not a leak): handles
+    whose target contains one of its ``SHARED_HANDLES``, or for which its
+    ``shared_handle(handle, request)`` is true.
+    """
     if not os.path.isdir("/proc/self/fd"):
         yield
         return
+    shared: tuple[str, ...] = getattr(request.module, "SHARED_HANDLES", ())
+    also = getattr(request.module, "shared_handle", None)
     before = _open_files()
     yield
     gc.collect()
-    leaked = sorted(_open_files() - before)
+    leaked = sorted(
+        handle
+        for handle in _open_files() - before
+        if not any(part in handle for part in shared)
+        and not (also is not None and also(handle, request))
+    )
     assert not leaked, f"left open: {leaked}"
 
 

@@ -7,7 +7,6 @@ its URL, as they would reach the service.
 from __future__ import annotations
 
 import asyncio
-import gc
 import pickle
 import subprocess
 import sys
@@ -43,7 +42,6 @@ from breadasync.ray import (  # noqa: E402
     read_rollouts,
 )
 from breadasync.ray._bridge import POSITION  # noqa: E402
-from tests.conftest import _open_files  # noqa: E402
 
 OUTPUT = frozenset({"get_rollout_output"})
 
@@ -63,20 +61,13 @@ def ray_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_files(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The suite's check of open files, less what Ray's driver opens when it likes: its
-    session's logs, and (in the tests that run the cluster) connections to its workers."""
-    before = _open_files()
-    yield
-    gc.collect()
-    on_cluster = "ray_cluster" in request.fixturenames
-    leaked = sorted(
-        f
-        for f in _open_files() - before
-        if not (on_cluster and "->socket:" in f) and "/logs/ray-data/" not in f
-    )
-    assert not leaked, f"left open: {leaked}"
+SHARED_HANDLES = ("/logs/ray-data/",)
+"""Ray's driver opens its session's logs when it likes."""
+
+
+def shared_handle(handle: str, request: pytest.FixtureRequest) -> bool:
+    """In the tests that run the cluster, the driver's connections to its workers."""
+    return "ray_cluster" in request.fixturenames and "->socket:" in handle
 
 
 def _add(emulator: Emulator, sizes: dict[str, int]) -> list[tuple[str, str]]:

@@ -8,7 +8,6 @@ fault-injecting proxy in front of it plays a store that answers 500/503/SlowDown
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import http.client
 import http.server
@@ -45,7 +44,7 @@ from breadasync.cli import main as cli_main
 from breadasync.emulator import Emulator, Faults
 from breadasync.export import FsDestination, batch_to_rows, resolve_destination
 from breadasync.export._manifest import decode_manifest
-from tests.conftest import _open_files, wait_until
+from tests.conftest import wait_until
 
 moto_server = pytest.importorskip("moto.server")
 
@@ -187,20 +186,7 @@ class FaultProxy:
 # The AWS SDK and Arrow's I/O thread pool give each of their (long-lived, bounded) threads
 # an eventfd and the SDK's random source on first use: process-wide handles, not leaks.
 # Files, sockets and pipes are still checked around every test here.
-THREAD_HANDLES = ("anon_inode:[eventfd]", "anon_inode:[eventpoll]", "/dev/urandom")
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_files() -> Iterator[None]:
-    """No test may leave a file, socket or pipe open behind it (see THREAD_HANDLES)."""
-    if not os.path.isdir("/proc/self/fd"):
-        yield
-        return
-    before = _open_files()
-    yield
-    gc.collect()
-    leaked = sorted(_open_files() - before)
-    assert not [f for f in leaked if not f.endswith(THREAD_HANDLES)], f"left open: {leaked}"
+SHARED_HANDLES = ("anon_inode:[eventfd]", "anon_inode:[eventpoll]", "/dev/urandom")
 
 
 @pytest.fixture(scope="module")
