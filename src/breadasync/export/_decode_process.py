@@ -187,11 +187,6 @@ class DecodeProcesses:
         self._free = threading.Semaphore(processes * PIPELINE_DEPTH)
         self._closed = False
 
-    @property
-    def capacity(self) -> int:
-        """Pages the pool decodes or holds at once."""
-        return self._size * PIPELINE_DEPTH
-
     def decode(
         self,
         body: bytes,
