@@ -45,6 +45,11 @@ from breadasync.ray._bridge import POSITION  # noqa: E402
 
 OUTPUT = frozenset({"get_rollout_output"})
 
+# A guard against a hang, not a bound on speed: Ray on a 2-core machine that is busy with
+# other work took 107 s for one read (its scheduler shares the same cores), past the
+# suite's default of 120 s once the cluster's start is counted.
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
