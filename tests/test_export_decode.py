@@ -154,6 +154,20 @@ def test_awkward_values_are_kept_in_a_child_process(processes: DecodeProcesses) 
             check([{field: value}, {field: 7}, {"response": "c"}], processes=processes)
 
 
+@pytest.mark.parametrize(
+    "value", [2**64, -(2**63) - 1, 10**30, 2.0**63, -(2.0**63), 1e300], ids=repr
+)
+def test_big_numbers_deep_inside_a_row_or_beside_the_rows_are_exact(value: Any) -> None:
+    # orjson reads such an integer as a float: wherever it sits, the page is reread exactly.
+    rows = [{"response": "a", "meta": {"scores": [1, {"x": value}]}}, {"response": "b"}]
+    page = {"status": "complete", "lines": 2, "offset": 0, "limit": 1000, "has_more": False}
+    body = json.dumps({**page, "output": rows, "note": [value]}).encode()
+    decoded = decode_page(body, "GET", "/p", 200, 0, 1000)
+    back = batch_to_rows(decoded.batch)
+    assert back == rows
+    assert type(back[0]["meta"]["scores"][1]["x"]) is type(value)
+
+
 def test_a_value_that_does_not_fit_its_column_is_in_extra() -> None:
     rows = [{"trajectory_id": 2**63 + 5}, {"trajectory_id": 3}, {"trajectory_id": "4"}]
     batch = rows_to_batch(rows, 0)

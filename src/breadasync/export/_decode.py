@@ -6,8 +6,10 @@ refuses ``NaN``/``Infinity`` tokens, lone surrogates, invalid UTF-8, a byte-orde
 numbers beyond a double's range, each with an error (not a crash). The decoded value is
 then walked, bounded by :class:`DecodeLimits` (depth, values), and its keys are counted
 against the key separators in the text, which finds duplicate keys (orjson keeps the last
-one silently). Integers of 19 digits or more, which orjson reads as floats beyond the 64-bit
-range, send the body to Python's own ``json`` module, which keeps them exact. Every refusal
+one silently). orjson reads an integer beyond the 64-bit range as a float, so the walk also
+looks at every float: one of 2**63 or more in magnitude (such an integer, or a float that
+large, rare either way) sends the body to Python's own ``json`` module, which keeps integers
+of any size exact. Every refusal
 is a :class:`~breadasync.ProtocolError` naming the request (its path carries the page's
 offset) and, where it is one row's fault, that row's offset.
 """
@@ -78,6 +80,9 @@ _DIGITS: Final = bytes(48 if 48 <= i <= 57 else 120 if i == 46 else 32 for i in 
 _LONG_INT: Final = b" " + b"0" * 19
 """19 digits after neither a digit nor a point: an integer that orjson may read as a float
 (beyond int64 or uint64); a fraction's digits do not count."""
+_BIG: Final = float(2**63)
+"""orjson reads integers in [-2**63, 2**64) as ints, anything beyond as a float of at least
+this magnitude."""
 _NAN: Final = re.compile(rb"(?<![\w\"])-?(?:NaN|Infinity)(?![\w\"])")
 
 
@@ -106,18 +111,19 @@ def _key_separators(body: bytes, parsed: int) -> int:
 
 
 class _Budget:
-    __slots__ = ("keys", "left", "limits", "where")
+    __slots__ = ("big", "keys", "left", "limits", "where")
 
     def __init__(self, limits: DecodeLimits, where: _Where) -> None:
         self.limits = limits
         self.left = limits.max_values
         self.keys = 0
+        self.big = False
         self.where = where
 
 
 def _walk(value: list[Any] | dict[str, Any], depth: int, budget: _Budget, row: int) -> None:
-    """Checks depth and size below ``value``, counting keys (recursion is bounded by
-    ``max_depth``, at most 512)."""
+    """Checks depth and size below ``value``, counting keys and noting floats of
+    :data:`_BIG` magnitude (recursion is bounded by ``max_depth``, at most 512)."""
     if depth > budget.limits.max_depth:
         _refuse_row(budget, row, f"nested too deeply (over {budget.limits.max_depth} levels)")
     budget.left -= len(value)
@@ -131,6 +137,8 @@ def _walk(value: list[Any] | dict[str, Any], depth: int, budget: _Budget, row: i
         kind = type(child)
         if kind is dict or kind is list:
             _walk(child, depth + 1, budget, row)
+        elif kind is float and not -_BIG < child < _BIG:
+            budget.big = True
 
 
 def _refuse_row(budget: _Budget, row: int, problem: str) -> NoReturn:
@@ -202,9 +210,6 @@ def read_page_json(
             where.fail("not JSON: it has a NaN or Infinity token, which JSON does not allow")
         else:
             where.fail(f"not JSON ({text})", body)
-    else:
-        if _has_long_digits(body):
-            data = _stdlib(body, where)
     budget = _Budget(limits, where)
     if type(data) is dict:
         budget.keys += len(data)
@@ -227,13 +232,25 @@ def read_page_json(
                             kind = type(child)
                             if kind is dict or kind is list:
                                 _walk(child, 4, budget, offset + i)
+                            elif kind is float and not -_BIG < child < _BIG:
+                                budget.big = True
                     elif type(row) is list:
                         _walk(row, 3, budget, offset + i)
+                    elif type(row) is float and not -_BIG < row < _BIG:
+                        budget.big = True
             elif kind is dict or kind is list:
                 _walk(value, 2, budget, -1)
+            elif kind is float and not -_BIG < value < _BIG:
+                budget.big = True
     elif type(data) is list:
         _walk(data, 1, budget, -1)
-    if budget.keys != _key_separators(body, budget.keys):
+    elif type(data) is float and not -_BIG < data < _BIG:
+        budget.big = True
+    if budget.big:
+        # Possibly an integer orjson could only read as a float: reread it exactly (the
+        # limits were checked on the same structure).
+        data = _stdlib(body, where)
+    elif budget.keys != _key_separators(body, budget.keys):
         # A duplicate key (orjson kept its last value), or only spacing before a colon:
         # Python's parser tells which.
         data = _stdlib(body, where)
