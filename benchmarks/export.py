@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from benchmarks._common import (
     HERE,
@@ -354,6 +354,10 @@ def child(name: str, url: str, key: str, target: str, out: str) -> None:
     shutil.rmtree(dest, ignore_errors=True)
 
 
+RUN_TWICE: Final = ("ceiling", "breadasync")
+"""Variants run a second time, after the others (the ceiling takes 6 s, the default 15)."""
+
+
 def run_child(name: str, emu: RemoteEmulator, target: str) -> dict[str, Any]:
     out = WORK / f"out-{name}"
     done = subprocess.run(
@@ -425,6 +429,12 @@ def main() -> None:
     with emulator_process(scenario, WORK) as emu:
         asyncio.run(warm(emu, "m1", args.rows))
         results = {name: run_child(name, emu, "m1") for name in VARIANTS}
+        for name in RUN_TWICE:
+            # Again in reverse order, each keeping its faster run: the two the headline
+            # ratio compares meet the machine's slow moments alike.
+            again = run_child(name, emu, "m1")
+            if again["seconds"] < results[name]["seconds"]:
+                results[name] = again
         big = None
         if args.big_rows:
             asyncio.run(warm(emu, "m5", args.big_rows))
@@ -454,7 +464,9 @@ def main() -> None:
         "and drop the rest (`messages`); breadasync keeps every field. The ceiling is "
         "`orjson.loads`, then `pa.Table.from_pylist` (types inferred, no checks), "
         "`pa.concat_tables` per 10,000 rows and zstd `pq.write_table`, on one thread with "
-        "the page bytes already in memory.\n\n"
+        "the page bytes already in memory. The ceiling and the default variant run twice, "
+        "first and last, and each keeps its faster run (on these machines the same CPU "
+        "work has taken 6.1 s in one run and 8.6 s in another).\n\n"
         + table(
             [
                 "variant",
