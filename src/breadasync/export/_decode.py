@@ -9,9 +9,8 @@ against the key separators in the text, which finds duplicate keys (orjson keeps
 one silently). orjson reads an integer beyond the 64-bit range as a float, so the walk also
 looks at every float: one of 2**63 or more in magnitude (such an integer, or a float that
 large, rare either way) sends the body to Python's own ``json`` module, which keeps integers
-of any size exact. Every refusal
-is a :class:`~breadasync.ProtocolError` naming the request (its path carries the page's
-offset) and, where it is one row's fault, that row's offset.
+of any size exact. Every refusal is a :class:`~breadasync.ProtocolError` naming the request
+(its path carries the page's offset) and, where it is one row's fault, that row's offset.
 """
 
 from __future__ import annotations
