@@ -433,7 +433,7 @@ def main() -> None:
         asyncio.run(warm(emu, "m1", args.rows))
         results = {name: run_child(name, emu, "m1") for name in VARIANTS}
         for name in RUN_TWICE:
-            # Again in reverse order, each keeping its faster run: the two the headline
+            # Again after the others, each keeping its faster run: the two the headline
             # ratio compares meet the machine's slow moments alike.
             again = run_child(name, emu, "m1")
             if again["seconds"] < results[name]["seconds"]:
@@ -467,8 +467,8 @@ def main() -> None:
         "and drop the rest (`messages`); breadasync keeps every field. The ceiling is "
         "`orjson.loads`, then `pa.Table.from_pylist` (types inferred, no checks), "
         "`pa.concat_tables` per 10,000 rows and zstd `pq.write_table`, on one thread with "
-        "the page bytes already in memory. The ceiling and the default variant run twice, "
-        "first and last, and each keeps its faster run (on these machines the same CPU "
+        "the page bytes already in memory. The ceiling and the default variant run again "
+        "after the others, and each keeps its faster run (on these machines the same CPU "
         "work has taken 6.1 s in one run and 8.6 s in another).\n\n"
         + table(
             [
