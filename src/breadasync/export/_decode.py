@@ -140,6 +140,12 @@ def _walk(value: list[Any] | dict[str, Any], depth: int, budget: _Budget, row: i
             budget.big = True
 
 
+def _is_big(value: Any) -> bool:
+    """Whether ``value`` is a float of :data:`_BIG` magnitude (the walk's hot loops test
+    the same inline)."""
+    return type(value) is float and not -_BIG < value < _BIG
+
+
 def _refuse_row(budget: _Budget, row: int, problem: str) -> NoReturn:
     where = f"the row at offset {row:,} is " if row >= 0 else ""
     budget.where.fail(f"refused: {where}{problem}")
@@ -235,16 +241,16 @@ def read_page_json(
                                 budget.big = True
                     elif type(row) is list:
                         _walk(row, 3, budget, offset + i)
-                    elif type(row) is float and not -_BIG < row < _BIG:
-                        budget.big = True
+                    else:
+                        budget.big |= _is_big(row)
             elif kind is dict or kind is list:
                 _walk(value, 2, budget, -1)
-            elif kind is float and not -_BIG < value < _BIG:
-                budget.big = True
+            else:
+                budget.big |= _is_big(value)
     elif type(data) is list:
         _walk(data, 1, budget, -1)
-    elif type(data) is float and not -_BIG < data < _BIG:
-        budget.big = True
+    else:
+        budget.big |= _is_big(data)
     if budget.big:
         # Possibly an integer orjson could only read as a float: reread it exactly (the
         # limits were checked on the same structure).
