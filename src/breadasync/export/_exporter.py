@@ -41,7 +41,7 @@ from ._options import (
     ProgressCallback,
 )
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part
-from ._reader import Page, RangeReader
+from ._reader import Page, RangeReader, undecoded_bound
 from ._schema import SCHEMA_VERSION, ColumnMode, schema_for
 from ._store import PartRecord, describe_os_error
 from ._threads import run_to_end
@@ -192,6 +192,7 @@ class Exporter:
         self._on_progress = on_progress
         # One limit for every target this exporter handles (export_many shares it).
         self._limiter = anyio.CapacityLimiter(options.concurrency)
+        self._undecoded = undecoded_bound(options.concurrency)
         self._decode_limiter = anyio.CapacityLimiter(
             max(DECODE_THREADS, options.decode_processes * PIPELINE_DEPTH)
         )
@@ -299,6 +300,7 @@ class Exporter:
             expected_lines=plan.lines,
             complete=plan.status == JobState.COMPLETE,
             limiter=self._limiter,
+            undecoded=self._undecoded,
             decode_limiter=self._decode_limiter,
             window=self._options.pages_ahead,
             user_id=self._user_id,

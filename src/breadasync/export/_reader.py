@@ -89,6 +89,12 @@ def decode_page(
     return _Decoded(rows_to_batch(page.output, offset, columns=columns), page.lines, page.status)
 
 
+def undecoded_bound(concurrency: int) -> anyio.Semaphore:
+    """The ``undecoded`` bound of the range readers that share a limit of
+    ``concurrency`` requests: twice that many pages."""
+    return anyio.Semaphore(max(2, 2 * concurrency))
+
+
 class RangeReader:
     """Fetches pages of a target's rollout output and delivers their batches in order.
 
@@ -98,6 +104,11 @@ class RangeReader:
         complete: Whether the job was complete when the export began.
         limiter: Bounds page requests in flight (shared by the targets of one export); a
             page waiting to retry does not hold it.
+        undecoded: Bounds pages from their request to the end of their decode (shared
+            like ``limiter``; :func:`undecoded_bound` sizes it): when decoding is the slower
+            side, pages fetched further ahead would only wait as raw bytes (some 0.8 KB a
+            row, more than their batches). The window is for pages beyond one that waits
+            for a retry.
         decode_limiter: Bounds decoding threads (decoding still needs the GIL at times, so
             more threads than cores only contend).
         window: Pages fetched ahead of the consumer, at most: memory stays flat. Pages
@@ -116,6 +127,7 @@ class RangeReader:
         expected_lines: int,
         complete: bool,
         limiter: anyio.CapacityLimiter,
+        undecoded: anyio.Semaphore,
         decode_limiter: anyio.CapacityLimiter,
         window: int,
         user_id: str | None,
@@ -126,10 +138,7 @@ class RangeReader:
         self._expected = expected_lines
         self._complete = complete
         self._limiter = limiter
-        # Bodies fetched but not decoded yet: when decoding is the slower side, pages
-        # fetched further ahead would only wait as raw bytes (some 0.8 KB a row, more
-        # than their batches). The window is for pages beyond one that waits for a retry.
-        self._undecoded = anyio.Semaphore(max(2, 2 * int(limiter.total_tokens)))
+        self._undecoded = undecoded
         self._decode_limiter = decode_limiter
         self._window = window
         self._user_id = user_id

@@ -18,7 +18,7 @@ from breadasync._config import NOT_GIVEN
 from breadasync._errors import first_error
 from breadasync._models import JobState, TargetRef
 from breadasync.export._exporter import DECODE_THREADS, Exporter, ExportOptions
-from breadasync.export._reader import Page, RangeReader
+from breadasync.export._reader import Page, RangeReader, undecoded_bound
 from breadasync.export._schema import SCHEMA, ColumnMode, check_columns, rows_to_batch, schema_for
 
 EXPORT_SCHEMA = SCHEMA
@@ -35,6 +35,7 @@ __all__ = [
     "read_range",
     "rows_to_arrow",
     "schema_for",
+    "undecoded_bound",
 ]
 
 POSITION = SCHEMA.names[0]
@@ -70,6 +71,7 @@ async def read_range(
     complete: bool,
     page_size: int,
     limiter: anyio.CapacityLimiter,
+    undecoded: anyio.Semaphore,
     decode_limiter: anyio.CapacityLimiter,
     window: int,
     send: MemoryObjectSendStream[list[pa.RecordBatch]],
@@ -81,13 +83,16 @@ async def read_range(
     :class:`~breadasync.DataIntegrityError`.
 
     At most ``window`` pages are fetched ahead of the consumer; ``limiter`` bounds the
-    requests in flight; ``columns`` is the column mode, as in the exporter."""
+    requests in flight and ``undecoded`` the pages from request to decoded (see
+    :class:`~breadasync.export._reader.RangeReader`); ``columns`` is the column mode, as in
+    the exporter."""
     reader = RangeReader(
         client.api,
         target,
         expected_lines=lines,
         complete=complete,
         limiter=limiter,
+        undecoded=undecoded,
         decode_limiter=decode_limiter,
         window=window,
         user_id=client.user_id,

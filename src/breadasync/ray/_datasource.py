@@ -40,6 +40,7 @@ from ._bridge import (
     read_range,
     rows_to_arrow,
     schema_for,
+    undecoded_bound,
 )
 from ._planner import Segment, TargetRows, split
 
@@ -221,6 +222,7 @@ class _ReadFn:
         try:
             async with send, conn.client() as client, anyio.create_task_group() as tg:
                 limiter = anyio.CapacityLimiter(conn.max_concurrency)
+                undecoded = undecoded_bound(conn.max_concurrency)
                 decode_limiter = anyio.CapacityLimiter(DECODE_THREADS_PER_TASK)
                 slots = _Slots(window)
                 queued_send, queued = anyio.create_memory_object_stream[
@@ -248,6 +250,7 @@ class _ReadFn:
                                     complete=seg.complete,
                                     page_size=conn.page_size,
                                     limiter=limiter,
+                                    undecoded=undecoded,
                                     decode_limiter=decode_limiter,
                                     window=pages,
                                     send=seg_send,
