@@ -15,7 +15,7 @@ clock), the client in this one:
   throttled (< 5%). The bucket holds one token (no burst at all: a request 0.1 ms early is
   refused), three, or R (a second's worth). Beside the small buckets at R = 300 and 1000, a
   reference pacer (``_pacer``: one thread, raw sockets, a busy-wait clock, no retries) sends
-  at exactly 0.8 R: the 429s it gets are what the machine's timing alone costs any client,
+  at exactly 0.85 R: the 429s it gets are what the machine's timing alone costs any client,
   and a row that it misses too is beyond any client here;
 - **overload**: the same export while every request is 503 for the first 10 s; reported:
   the requests the client sent during those 10 s, and when it was done;
@@ -83,8 +83,9 @@ FANOUT_TARGETS = 300
 FANOUT_SECONDS = (1.0, 6.0)
 FANOUT_RATE = 400.0
 THROTTLED = {429, 503}
-REFERENCE_PACE = 0.8
-"""The reference pacer's pace, as a share of R: the target's own figure."""
+REFERENCE_PACE = 0.85
+"""The reference pacer's pace, as a share of R: a little above the target's 0.8 R, so that it
+can meet the target where the machine allows it."""
 REFERENCE_RATES = (300, 1000)
 
 
