@@ -15,8 +15,8 @@ clock), the client in this one:
   throttled (< 5%). The bucket holds one token (no burst at all: a request 0.1 ms early is
   refused), three, or R (a second's worth). Beside the small buckets at R = 300 and 1000, a
   reference pacer (``_pacer``: one thread, raw sockets, a busy-wait clock, no retries) sends
-  at exactly 0.85 R: the 429s it gets are what the machine's timing alone costs any client,
-  and a row that it misses too is beyond any client here;
+  at exactly 0.85 R: the 429s it gets are what the machine's timing alone costs an evenly
+  paced client, and a row that it misses too is out of even pacing's reach here;
 - **overload**: the same export while every request is 503 for the first 10 s; reported:
   the requests the client sent during those 10 s, and when it was done;
 - **fan-out**: ``rollout_many`` over 300 targets whose jobs take 1-6 s, under 5% 5xx (a
