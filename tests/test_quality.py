@@ -225,6 +225,36 @@ def test_every_module_says_what_it_owns_and_stays_small() -> None:
     assert too_long == []
 
 
+def test_a_decoding_child_imports_the_decoder_without_the_client() -> None:
+    """The child's start-up delays every export that uses one; the client (and aiohttp
+    behind it) took 0.14 s of it before the package's names loaded on first use."""
+    code = (
+        "import sys, breadasync.export._decode_child\n"
+        "print(','.join(sorted(m for m in ('aiohttp', 'breadasync._client', "
+        "'breadasync.export._exporter', 'pyarrow.fs') if m in sys.modules)))\n"
+        "from breadasync import BreadClient\n"
+        "from breadasync.export import SCHEMA, ExportResult\n"
+        "assert BreadClient.__module__ == 'breadasync._client' and SCHEMA and ExportResult\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
+def test_an_unknown_name_of_the_package_is_an_attribute_error() -> None:
+    import breadasync
+    import breadasync.export
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = breadasync.Nope  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = breadasync.export.Nope  # type: ignore[attr-defined]
+    assert {"BreadClient", "ExportResult"} <= set(dir(breadasync))
+    assert {"SCHEMA", "DecodeProcesses"} <= set(dir(breadasync.export))
+
+
 def test_import_breadasync_loads_neither_pyarrow_nor_rich() -> None:
     code = (
         "import sys, breadasync\n"

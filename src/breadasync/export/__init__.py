@@ -7,24 +7,71 @@ and the destination seam
 (:class:`Destination`, with a local folder and a ``pyarrow.fs`` implementation).
 """
 
-from ._decode import DEFAULT_LIMITS, DecodeLimits
-from ._decode_process import DecodeProcesses
-from ._dest import Destination, DestinationLike, resolve_destination
-from ._manifest import MANIFEST_KEY, load_manifest
-from ._many import hive_segment
-from ._objstore import FsDestination
-from ._options import ExportOptions, ExportProgress, ExportResult, ExportResults
-from ._plan import ExportPlan, Part
-from ._schema import (
-    SCHEMA,
-    SCHEMA_VERSION,
-    TYPED_SCHEMA,
-    ColumnMode,
-    batch_to_rows,
-    rows_to_batch,
-    schema_for,
-)
-from ._store import LocalDestination, PartRecord
+import importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
+if _TYPE_CHECKING:
+    from ._decode import DEFAULT_LIMITS, DecodeLimits
+    from ._decode_process import DecodeProcesses
+    from ._dest import Destination, DestinationLike, resolve_destination
+    from ._manifest import MANIFEST_KEY, load_manifest
+    from ._many import hive_segment
+    from ._objstore import FsDestination
+    from ._options import ExportOptions, ExportProgress, ExportResult, ExportResults
+    from ._plan import ExportPlan, Part
+    from ._schema import (
+        SCHEMA,
+        SCHEMA_VERSION,
+        TYPED_SCHEMA,
+        ColumnMode,
+        batch_to_rows,
+        rows_to_batch,
+        schema_for,
+    )
+    from ._store import LocalDestination, PartRecord
+
+_LAZY = {
+    **dict.fromkeys(("DEFAULT_LIMITS", "DecodeLimits"), "._decode"),
+    "DecodeProcesses": "._decode_process",
+    **dict.fromkeys(("Destination", "DestinationLike", "resolve_destination"), "._dest"),
+    **dict.fromkeys(("MANIFEST_KEY", "load_manifest"), "._manifest"),
+    "hive_segment": "._many",
+    "FsDestination": "._objstore",
+    **dict.fromkeys(
+        ("ExportOptions", "ExportProgress", "ExportResult", "ExportResults"), "._options"
+    ),
+    **dict.fromkeys(("ExportPlan", "Part"), "._plan"),
+    **dict.fromkeys(
+        (
+            "SCHEMA",
+            "SCHEMA_VERSION",
+            "TYPED_SCHEMA",
+            "ColumnMode",
+            "batch_to_rows",
+            "rows_to_batch",
+            "schema_for",
+        ),
+        "._schema",
+    ),
+    **dict.fromkeys(("LocalDestination", "PartRecord"), "._store"),
+}
+"""Names loaded on first use (PEP 562): a decoding child process imports the decoder
+alone, not the exporter and the client behind it."""
+
+
+def __getattr__(name: str) -> _Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'breadasync.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DEFAULT_LIMITS",
