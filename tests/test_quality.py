@@ -225,10 +225,19 @@ def test_every_module_says_what_it_owns_and_stays_small() -> None:
     assert too_long == []
 
 
+def _in_fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter (where nothing is imported yet)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_a_decoding_child_imports_the_decoder_without_the_client() -> None:
     """The child's start-up delays every export that uses one; the client (and aiohttp
     behind it) took 0.14 s of it before the package's names loaded on first use."""
-    code = (
+    loaded = _in_fresh_python(
         "import sys, breadasync.export._decode_child\n"
         "print(','.join(sorted(m for m in ('aiohttp', 'breadasync._client', "
         "'breadasync.export._exporter', 'pyarrow.fs') if m in sys.modules)))\n"
@@ -236,11 +245,7 @@ def test_a_decoding_child_imports_the_decoder_without_the_client() -> None:
         "from breadasync.export import SCHEMA, ExportResult\n"
         "assert BreadClient.__module__ == 'breadasync._client' and SCHEMA and ExportResult\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ""
+    assert loaded == ""
 
 
 def test_an_unknown_name_of_the_package_is_an_attribute_error() -> None:
@@ -256,7 +261,7 @@ def test_an_unknown_name_of_the_package_is_an_attribute_error() -> None:
 
 
 def test_import_breadasync_loads_neither_pyarrow_nor_rich() -> None:
-    code = (
+    heavy = _in_fresh_python(
         "import sys, breadasync\n"
         "heavy = sorted(m for m in ('pyarrow', 'rich') if m in sys.modules)\n"
         "assert breadasync.BreadClient and breadasync.__version__\n"
@@ -264,8 +269,4 @@ def test_import_breadasync_loads_neither_pyarrow_nor_rich() -> None:
         "breadasync.ExportResult  # a lazy name still resolves, and then pyarrow is there\n"
         "assert 'pyarrow' in sys.modules\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ""
+    assert heavy == ""
