@@ -33,10 +33,11 @@ def _complete(buffer: bytes) -> tuple[int, int] | None:
 
 
 def pace(url: str, api_key: str, path: str, per_second: float, seconds: float) -> int:
-    """Send ``GET path`` at exactly ``per_second`` for ``seconds``; returns how many were sent.
+    """Send ``GET path`` at exactly ``per_second`` for ``seconds``; returns how many sends
+    were skipped.
 
-    A send that finds all :data:`CONNECTIONS` busy is skipped (counted as not sent), so the
-    pace never bunches up to catch up."""
+    A send that finds all :data:`CONNECTIONS` busy is skipped, so the pace never bunches up
+    to catch up."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = (
@@ -55,12 +56,13 @@ def pace(url: str, api_key: str, path: str, per_second: float, seconds: float) -
             buffers[sock] = b""
         gap = 1.0 / per_second
         start = time.perf_counter()
-        due, end, sent = start, start + seconds, 0
+        due, end, skipped = start, start + seconds, 0
         while (now := time.perf_counter()) < end:
             if now >= due:
                 if free:
                     free.pop().sendall(request)
-                    sent += 1
+                else:
+                    skipped += 1
                 due += gap
                 continue
             for key, _ in selector.select(0):
@@ -70,7 +72,7 @@ def pace(url: str, api_key: str, path: str, per_second: float, seconds: float) -
                 if done is not None:
                     buffers[sock] = buffers[sock][done[1] :]
                     free.append(sock)
-        return sent
+        return skipped
     finally:
         for sock in buffers:
             selector.unregister(sock)
