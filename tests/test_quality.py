@@ -52,6 +52,8 @@ def test_all_is_sorted_complete_and_documented(name: str) -> None:
         if not n.startswith("_") and not inspect.ismodule(v) and n != "annotations"
     }
     assert public - {"__version__"} <= set(exported), public - set(exported)
+    # A name loaded on first use is public too.
+    assert set(getattr(module, "_LAZY", {})) <= set(exported)
     for export in exported:
         value = getattr(module, export)
         if inspect.isclass(value) or inspect.isfunction(value):

@@ -6,9 +6,7 @@ async with BreadClient() as client:
 Everything public is importable from here; each part loads on first use.
 """
 
-import importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
 
 from ._errors import (
     APIConnectionError,
@@ -41,6 +39,7 @@ from ._errors import (
     UnfinishedJobError,
     UnprocessableEntityError,
 )
+from ._lazy import lazy_names as _lazy_names
 from ._version import __version__
 
 if _TYPE_CHECKING:
@@ -68,45 +67,32 @@ if _TYPE_CHECKING:
     from .export import ExportResult, ExportResults
 
 _LAZY = {
-    **dict.fromkeys(("BreadClient", "Rollout", "Stim", "Targets"), "breadasync._client"),
-    **dict.fromkeys(
-        ("NOT_GIVEN", "Limits", "PollPolicy", "RetryPolicy", "Timeouts"), "breadasync._config"
-    ),
-    "AsCompleted": "breadasync._fanout",
+    **dict.fromkeys(("BreadClient", "Rollout", "Stim", "Targets"), "._client"),
+    **dict.fromkeys(("NOT_GIVEN", "Limits", "PollPolicy", "RetryPolicy", "Timeouts"), "._config"),
+    "AsCompleted": "._fanout",
     **dict.fromkeys(
         ("JobState", "JobStatus", "OutputPage", "Target", "TargetLike", "TargetList", "TargetRef"),
-        "breadasync._models",
+        "._models",
     ),
     **dict.fromkeys(
         ("FanoutSummary", "Outcome", "RolloutResult", "RolloutResults", "RolloutUpdate"),
-        "breadasync._results",
+        "._results",
     ),
-    "ClientStats": "breadasync._transport",
+    "ClientStats": "._transport",
     **dict.fromkeys(
         ("AsyncBaseTransport", "MockTransport", "TransportRequest", "TransportResponse"),
-        "breadasync._transports",
+        "._transports",
     ),
-    "AiohttpTransport": "breadasync._aiohttp_transport",
-    "ExportResult": "breadasync.export",
-    "ExportResults": "breadasync.export",
+    "AiohttpTransport": "._aiohttp_transport",
+    "ExportResult": ".export",
+    "ExportResults": ".export",
 }
 """Names loaded on first use (PEP 562), so importing one part of the package does not load
 the rest: a decoding child process needs the decoder, not the client (0.14 s of its
 start-up); ``breadasync --version`` needs neither. Only the errors load at once."""
 
 
-def __getattr__(name: str) -> _Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'breadasync' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY)
 
 __all__ = [
     "NOT_GIVEN",

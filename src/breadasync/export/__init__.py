@@ -7,9 +7,9 @@ and the destination seam
 (:class:`Destination`, with a local folder and a ``pyarrow.fs`` implementation).
 """
 
-import importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
+
+from breadasync._lazy import lazy_names as _lazy_names
 
 if _TYPE_CHECKING:
     from ._decode import DEFAULT_LIMITS, DecodeLimits
@@ -60,18 +60,7 @@ _LAZY = {
 alone, not the exporter and the client behind it."""
 
 
-def __getattr__(name: str) -> _Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'breadasync.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY)
 
 __all__ = [
     "DEFAULT_LIMITS",
