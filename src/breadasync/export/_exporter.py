@@ -41,7 +41,7 @@ from ._options import (
     ProgressCallback,
 )
 from ._plan import FINGERPRINT_ROWS, ExportPlan, JobIdentity, Part
-from ._reader import Page, RangeReader, undecoded_bound
+from ._reader import Page, RangeReader, ReadBounds
 from ._schema import SCHEMA_VERSION, ColumnMode, schema_for
 from ._store import PartRecord, describe_os_error
 from ._threads import run_to_end
@@ -191,10 +191,8 @@ class Exporter:
         self._user_id = client.user(user_id)
         self._on_progress = on_progress
         # One limit for every target this exporter handles (export_many shares it).
-        self._limiter = anyio.CapacityLimiter(options.concurrency)
-        self._undecoded = undecoded_bound(options.concurrency)
-        self._decode_limiter = anyio.CapacityLimiter(
-            max(DECODE_THREADS, options.decode_processes * PIPELINE_DEPTH)
+        self._bounds = ReadBounds.for_concurrency(
+            options.concurrency, max(DECODE_THREADS, options.decode_processes * PIPELINE_DEPTH)
         )
         self._decoder: DecodeProcesses | None = None
         self._decoder_users = 0
@@ -299,9 +297,7 @@ class Exporter:
             plan.target,
             expected_lines=plan.lines,
             complete=plan.status == JobState.COMPLETE,
-            limiter=self._limiter,
-            undecoded=self._undecoded,
-            decode_limiter=self._decode_limiter,
+            bounds=self._bounds,
             window=self._options.pages_ahead,
             user_id=self._user_id,
             columns=self._options.columns,

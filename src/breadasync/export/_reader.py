@@ -89,10 +89,34 @@ def decode_page(
     return _Decoded(rows_to_batch(page.output, offset, columns=columns), page.lines, page.status)
 
 
-def undecoded_bound(concurrency: int) -> anyio.Semaphore:
-    """The ``undecoded`` bound of the range readers that share a limit of
-    ``concurrency`` requests: twice that many pages."""
-    return anyio.Semaphore(max(2, 2 * concurrency))
+@dataclass(frozen=True, slots=True)
+class ReadBounds:
+    """What the range readers of one export share: how many page requests are in flight,
+    how many pages are between their request and the end of their decode, and how many
+    decode at once. Build it with :meth:`for_concurrency`, so the three always agree.
+
+    Attributes:
+        requests: Bounds page requests in flight; a page waiting to retry does not hold it.
+        undecoded: Bounds pages from their request to the end of their decode (twice the
+            requests): when decoding is the slower side, pages fetched further ahead would
+            only wait as raw bytes (some 0.8 KB a row, more than their batches).
+        decoding: Bounds decoding threads (decoding still needs the GIL at times, so more
+            threads than cores only contend).
+    """
+
+    requests: anyio.CapacityLimiter
+    undecoded: anyio.Semaphore
+    decoding: anyio.CapacityLimiter
+
+    @classmethod
+    def for_concurrency(cls, concurrency: int, decode_threads: int) -> ReadBounds:
+        """Bounds for ``concurrency`` page requests in flight and ``decode_threads``
+        decoding threads."""
+        return cls(
+            anyio.CapacityLimiter(concurrency),
+            anyio.Semaphore(max(2, 2 * concurrency)),
+            anyio.CapacityLimiter(decode_threads),
+        )
 
 
 class RangeReader:
@@ -102,15 +126,8 @@ class RangeReader:
         expected_lines: The ``lines`` the export planned for. On a complete job every page
             must report exactly this; on a partial export it may only grow.
         complete: Whether the job was complete when the export began.
-        limiter: Bounds page requests in flight (shared by the targets of one export); a
-            page waiting to retry does not hold it.
-        undecoded: Bounds pages from their request to the end of their decode (shared
-            like ``limiter``; :func:`undecoded_bound` sizes it): when decoding is the slower
-            side, pages fetched further ahead would only wait as raw bytes (some 0.8 KB a
-            row, more than their batches). The window is for pages beyond one that waits
-            for a retry.
-        decode_limiter: Bounds decoding threads (decoding still needs the GIL at times, so
-            more threads than cores only contend).
+        bounds: Requests, undecoded pages and decoding threads, shared by the targets
+            of one export (:class:`ReadBounds`).
         window: Pages fetched ahead of the consumer, at most: memory stays flat. Pages
             beyond one that waits for a retry go on being fetched, up to this bound.
         user_id: The user override, already resolved (``None``: none).
@@ -126,9 +143,7 @@ class RangeReader:
         *,
         expected_lines: int,
         complete: bool,
-        limiter: anyio.CapacityLimiter,
-        undecoded: anyio.Semaphore,
-        decode_limiter: anyio.CapacityLimiter,
+        bounds: ReadBounds,
         window: int,
         user_id: str | None,
         columns: ColumnMode = "json",
@@ -137,9 +152,7 @@ class RangeReader:
         self._client = client
         self._expected = expected_lines
         self._complete = complete
-        self._limiter = limiter
-        self._undecoded = undecoded
-        self._decode_limiter = decode_limiter
+        self._bounds = bounds
         self._window = window
         self._user_id = user_id
         self._columns = columns
@@ -197,12 +210,15 @@ class RangeReader:
         offset, end = page.offset, page.offset + page.limit
         while offset < end:
             limit = end - offset
-            async with self._undecoded:
+            async with self._bounds.undecoded:
                 # The limiter bounds attempts in flight, not pages waiting for a retry: a
                 # page held back by a backoff or a Retry-After leaves its slot to the pages
                 # beyond it.
                 response = await self._client.get_raw(
-                    self._path, {"limit": limit, "offset": offset}, self._user_id, self._limiter
+                    self._path,
+                    {"limit": limit, "offset": offset},
+                    self._user_id,
+                    self._bounds.requests,
                 )
                 self.requests += 1
                 try:
@@ -215,7 +231,7 @@ class RangeReader:
                         response.status,
                         offset,
                         limit,
-                        limiter=self._decode_limiter,
+                        limiter=self._bounds.decoding,
                     )
                 except ProtocolError as exc:
                     raise self._client.scrubbed(exc) from None

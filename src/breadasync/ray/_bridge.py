@@ -18,7 +18,7 @@ from breadasync._config import NOT_GIVEN
 from breadasync._errors import first_error
 from breadasync._models import JobState, TargetRef
 from breadasync.export._exporter import DECODE_THREADS, Exporter, ExportOptions
-from breadasync.export._reader import Page, RangeReader, undecoded_bound
+from breadasync.export._reader import Page, RangeReader, ReadBounds
 from breadasync.export._schema import SCHEMA, ColumnMode, check_columns, rows_to_batch, schema_for
 
 EXPORT_SCHEMA = SCHEMA
@@ -30,12 +30,12 @@ __all__ = [
     "EXPORT_SCHEMA",
     "POSITION",
     "ColumnMode",
+    "ReadBounds",
     "check_columns",
     "plan_target",
     "read_range",
     "rows_to_arrow",
     "schema_for",
-    "undecoded_bound",
 ]
 
 POSITION = SCHEMA.names[0]
@@ -70,9 +70,7 @@ async def read_range(
     lines: int,
     complete: bool,
     page_size: int,
-    limiter: anyio.CapacityLimiter,
-    undecoded: anyio.Semaphore,
-    decode_limiter: anyio.CapacityLimiter,
+    bounds: ReadBounds,
     window: int,
     send: MemoryObjectSendStream[list[pa.RecordBatch]],
     columns: ColumnMode = "json",
@@ -82,18 +80,16 @@ async def read_range(
     completed, and ``lines`` changing on a complete job is a
     :class:`~breadasync.DataIntegrityError`.
 
-    At most ``window`` pages are fetched ahead of the consumer; ``limiter`` bounds the
-    requests in flight and ``undecoded`` the pages from request to decoded (see
-    :class:`~breadasync.export._reader.RangeReader`); ``columns`` is the column mode, as in
+    At most ``window`` pages are fetched ahead of the consumer; ``bounds`` (shared by the
+    ranges of one task) bounds requests, undecoded pages and decoding threads (see
+    :class:`~breadasync.export._reader.ReadBounds`); ``columns`` is the column mode, as in
     the exporter."""
     reader = RangeReader(
         client.api,
         target,
         expected_lines=lines,
         complete=complete,
-        limiter=limiter,
-        undecoded=undecoded,
-        decode_limiter=decode_limiter,
+        bounds=bounds,
         window=window,
         user_id=client.user_id,
         columns=columns,

@@ -35,12 +35,12 @@ from ._bridge import (
     DECODE_THREADS_PER_TASK,
     EXPORT_SCHEMA,
     ColumnMode,
+    ReadBounds,
     check_columns,
     plan_target,
     read_range,
     rows_to_arrow,
     schema_for,
-    undecoded_bound,
 )
 from ._planner import Segment, TargetRows, split
 
@@ -221,9 +221,7 @@ class _ReadFn:
         window = conn.max_concurrency + 8
         try:
             async with send, conn.client() as client, anyio.create_task_group() as tg:
-                limiter = anyio.CapacityLimiter(conn.max_concurrency)
-                undecoded = undecoded_bound(conn.max_concurrency)
-                decode_limiter = anyio.CapacityLimiter(DECODE_THREADS_PER_TASK)
+                bounds = ReadBounds.for_concurrency(conn.max_concurrency, DECODE_THREADS_PER_TASK)
                 slots = _Slots(window)
                 queued_send, queued = anyio.create_memory_object_stream[
                     tuple[Segment, int, MemoryObjectReceiveStream[list[pa.RecordBatch]]]
@@ -249,9 +247,7 @@ class _ReadFn:
                                     lines=seg.lines,
                                     complete=seg.complete,
                                     page_size=conn.page_size,
-                                    limiter=limiter,
-                                    undecoded=undecoded,
-                                    decode_limiter=decode_limiter,
+                                    bounds=bounds,
                                     window=pages,
                                     send=seg_send,
                                     columns=conn.columns,
