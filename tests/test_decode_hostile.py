@@ -55,6 +55,12 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "a duplicate key, nested": (HEAD + b'[{"u":{"a":1,"a":1}}]}', "a key appears twice"),
     "a duplicate envelope key": (HEAD + b'[],"offset":0}', "a key appears twice"),
     "a duplicate key, spaced": (HEAD + b'[{"a" : 1, "a" : 2}]}', "a key appears twice"),
+    # One spaced copy alone leaves the separator count equal to the keys parsed.
+    "a duplicate key, one copy spaced": (HEAD + b'[{"a" :1,"a":2}]}', "a key appears twice"),
+    "a duplicate key, a newline before one colon": (
+        HEAD + b'[{"a"\n:1,"a":2}]}',
+        "a key appears twice",
+    ),
     "a duplicate key hidden by an escaped quote": (
         HEAD + b'[{"a":1,"a":2,"s":"\\":"}]}',
         "a key appears twice",

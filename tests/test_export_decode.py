@@ -120,6 +120,37 @@ def test_any_rows_come_back_exactly_on_every_path(
     check(rows, processes=processes)
 
 
+SPACES = st.sampled_from(["", " ", "\n", "\t", "\r\n", "  "])
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    row=st.dictionaries(KEYS, JSON_VALUES, min_size=1, max_size=6),
+    data=st.data(),
+)
+def test_a_duplicate_key_is_refused_whatever_the_spacing(
+    processes: DecodeProcesses, row: dict[str, Any], data: st.DataObject
+) -> None:
+    """A row that names one key twice, with any whitespace around any of its colons (JSON
+    allows it), is refused on every path: never merged into one value."""
+    items = list(row.items())
+    twice = data.draw(st.sampled_from(items), label="duplicated")
+    items.insert(data.draw(st.integers(0, len(items)), label="at"), twice)
+    members = []
+    for key, value in items:
+        before, after = data.draw(SPACES, label="before"), data.draw(SPACES, label="after")
+        members.append(f"{json.dumps(key)}{before}:{after}{json.dumps(value)}")
+    head = '{"status":"complete","lines":1000000,"offset":0,"limit":1000,"has_more":true,'
+    body = (head + '"output":[{' + ",".join(members) + "}]}").encode()
+    for decoder in (None, processes):
+        with pytest.raises(ProtocolError, match="a key appears twice"):
+            decode_page(body, "GET", "/p", 200, 0, 1000, decoder=decoder)
+
+
 AWKWARD: list[Any] = [
     2**63 + 5,
     2**63 - 1,

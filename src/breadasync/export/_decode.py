@@ -6,11 +6,13 @@ refuses ``NaN``/``Infinity`` tokens, lone surrogates, invalid UTF-8, a byte-orde
 numbers beyond a double's range, each with an error (not a crash). The decoded value is
 then walked, bounded by :class:`DecodeLimits` (depth, values), and its keys are counted
 against the key separators in the text, which finds duplicate keys (orjson keeps the last
-one silently). orjson reads an integer beyond the 64-bit range as a float, so the walk also
-looks at every float: one of 2**63 or more in magnitude (such an integer, or a float that
-large, rare either way) sends the body to Python's own ``json`` module, which keeps integers
-of any size exact. Every refusal is a :class:`~breadasync.ProtocolError` naming the request
-(its path carries the page's offset) and, where it is one row's fault, that row's offset.
+one silently); a text with whitespace before a colon, which the count cannot see, is
+reread by Python's parser instead. orjson reads an integer beyond the 64-bit range as a
+float, so the walk also looks at every float: one of 2**63 or more in magnitude (such an
+integer, or a float that large, rare either way) sends the body to Python's own ``json``
+module, which keeps integers of any size exact. Every refusal is a
+:class:`~breadasync.ProtocolError` naming the request (its path carries the page's offset)
+and, where it is one row's fault, that row's offset.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ _BIG: Final = float(2**63)
 """orjson reads integers in [-2**63, 2**64) as ints, anything beyond as a float of at least
 this magnitude."""
 _NAN: Final = re.compile(rb"(?<![\w\"])-?(?:NaN|Infinity)(?![\w\"])")
+_SPACED_COLON: Final = re.compile(rb":(?<=[ \t\r\n]:)")
+"""Whitespace before a colon, which may stand between a key and its colon and hide the key
+from the separator count (JSON allows it; compact and pretty-printed JSON never do it).
+The colon leads the pattern so the scan jumps from colon to colon."""
 
 
 def _has_long_digits(data: bytes | str) -> bool:
@@ -93,7 +99,7 @@ def _has_long_digits(data: bytes | str) -> bool:
 
 def _key_separators(body: bytes, parsed: int) -> int:
     """How many ``"key":`` separators the text has outside strings (``parsed`` when a
-    single count can tell).
+    single count can tell), for a text with no whitespace before a colon.
 
     A quote inside a string is escaped (an odd run of backslashes before it); one that ends
     a key is not. Counting ``":`` after at least k backslashes for k = 0, 1, 2... and adding
@@ -255,9 +261,9 @@ def read_page_json(
         # Possibly an integer orjson could only read as a float: reread it exactly (the
         # limits were checked on the same structure).
         data = _stdlib(body, where)
-    elif budget.keys != _key_separators(body, budget.keys):
-        # A duplicate key (orjson kept its last value), or only spacing before a colon:
-        # Python's parser tells which.
+    elif budget.keys != _key_separators(body, budget.keys) or _SPACED_COLON.search(body):
+        # A duplicate key (orjson kept its last value), or only spacing before a colon
+        # (which can also hide a duplicate from the count): Python's parser tells which.
         data = _stdlib(body, where)
     return data
 
