@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from breadasync import (
     APIConnectionError,
@@ -29,6 +32,7 @@ from breadasync import (
     Timeouts,
     UnprocessableEntityError,
 )
+from breadasync._redact import FRAGMENT
 from breadasync.emulator import Emulator, Faults, TargetPlan
 
 
@@ -384,3 +388,57 @@ async def test_a_key_echoed_in_a_broken_answer_is_scrubbed(
         assert "Bearer ***" in caught.value.excerpt + str(caught.value)
         assert_no_key(caught.value, bread_emulator.api_key)
         assert bread_emulator.api_key not in caught.value.excerpt
+
+
+KEY = "sk-live-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@contextlib.asynccontextmanager
+async def echoing_server(pad: int) -> AsyncIterator[str]:
+    """A server whose broken 200 answers echo the Authorization header after ``pad``
+    characters: target ``s``'s status, and target ``p``'s output pages."""
+
+    def echo(request: web.Request) -> web.Response:
+        return web.Response(text="x" * pad + request.headers["Authorization"])
+
+    async def status(request: web.Request) -> web.Response:
+        if request.match_info["target"] == "s":
+            return echo(request)
+        return web.json_response({"status": "complete", "lines": 10, "job_id": 1})
+
+    async def output(request: web.Request) -> web.Response:
+        return echo(request)
+
+    app = web.Application()
+    app.router.add_get("/v1/repo/r/targets/{target}/rollout", status)
+    app.router.add_get("/v1/repo/r/targets/{target}/rollout/output", output)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+# Excerpts are cut at 40 bytes (pages) and 200 characters (other answers): these pads put the
+# cut inside the key, where replacing whole copies of it would leave a long piece showing.
+@pytest.mark.parametrize("pad", [0, 20, 30, 170, 180])
+async def test_a_key_cut_short_by_an_excerpt_shows_no_fragment(pad: int, tmp_path: Path) -> None:
+    fragments = {KEY[i : i + FRAGMENT] for i in range(len(KEY) - FRAGMENT + 1)}
+    async with (
+        echoing_server(pad) as url,
+        BreadClient(KEY, url, max_retries=0) as client,
+    ):
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "status": lambda: client.targets.rollout.get("s", repo_name="r"),
+            "get_output": lambda: client.targets.rollout.get_output("p", repo_name="r"),
+            "export": lambda: client.export_rollout("p", repo_name="r", dest=tmp_path / "out"),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ProtocolError) as caught:
+                await call()
+            texts = [str(caught.value), repr(caught.value), caught.value.excerpt]
+            shown = [f for f in fragments for text in texts if f in text]
+            assert not shown, (name, shown, texts)

@@ -51,6 +51,7 @@ from ._errors import (
     status_error_class,
 )
 from ._limits import Governor, Ticket, Verdict
+from ._redact import Redactor
 from ._retry import BACKPRESSURE, backoff, is_retryable_status, parse_retry_after
 from ._transports import AsyncBaseTransport, BodyTooLargeError, TransportRequest
 from ._version import __version__
@@ -136,6 +137,7 @@ class Transport:
         rng: random.Random | None = None,
     ) -> None:
         self._key = api_key
+        self._redactor = Redactor(api_key)
         self._base = str(base_url)
         self._origin = base_url.origin()
         self.timeouts = timeouts
@@ -203,8 +205,9 @@ class Transport:
         )
 
     def scrub(self, text: str) -> str:
-        """``text`` with the API key replaced, should the service have echoed it."""
-        return text.replace(self._key, "***") if self._key in text else text
+        """``text`` with the API key hidden (a copy, or any fragment long enough to matter),
+        should the service have echoed it."""
+        return self._redactor.text(text)
 
     def scrubbed(self, error: ProtocolError) -> ProtocolError:
         """``error`` with the API key replaced in its texts: a broken answer may echo it."""
@@ -214,8 +217,7 @@ class Transport:
         return error
 
     def _scrub_bytes(self, body: bytes) -> bytes:
-        key = self._key.encode()
-        return body.replace(key, b"***") if key in body else body
+        return self._redactor.bytes(body)
 
     async def aclose(self) -> None:
         """Close the sender; requests in flight fail with :class:`ClientClosedError`."""
@@ -504,7 +506,8 @@ class Transport:
     def _status_error(
         self, method: str, shown: str, status: int, headers: CIMultiDictProxy[str], body: bytes
     ) -> APIStatusError:
-        body = self._scrub_bytes(body[: 16 * 1024])
+        # Hidden before the cut: a copy of the key cut in two would survive it.
+        body = self._scrub_bytes(body[: 32 * 1024])[: 16 * 1024]
         message: str | None = None
         code: str | None = None
         try:

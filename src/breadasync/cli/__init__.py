@@ -20,6 +20,8 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from breadasync._redact import HIDDEN
+
 from ._args import (
     DEMO_REPO,
     DEMO_TARGETS,
@@ -27,7 +29,6 @@ from ._args import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    HIDDEN,
     KEY_OPTION,
     ExportWatch,
     Scrub,

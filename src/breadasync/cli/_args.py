@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from breadasync._redact import Redactor
 from breadasync._version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -28,12 +29,11 @@ DEMO_TARGETS = {  # name -> (stimuli, trajectories per stimulus)
 }
 KEY_ENV = "BREAD_API_KEY"
 KEY_OPTION = "--api-key"
-HIDDEN = "***"
-"""What a secret is shown as."""
 
 
 class Scrub:
-    """Replaces each secret in a text with ``***``.
+    """Replaces each secret in a text, and any long enough fragment of one (see
+    :class:`~breadasync._redact.Redactor`), with ``***``.
 
     A short secret is still hidden where it is a whole command-line word (see
     ``_interrupted``), but not inside other text: hiding every ``k`` of a one-letter test key
@@ -46,11 +46,11 @@ class Scrub:
         self.secrets = sorted(
             {s for s in secrets if len(s) >= self.MIN_LENGTH}, key=len, reverse=True
         )
+        self._redactors = [Redactor(secret) for secret in self.secrets]
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, HIDDEN)
+        for redactor in self._redactors:
+            text = redactor.text(text)
         return text
 
 
