@@ -149,6 +149,21 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after({}) is None
 
 
+@pytest.mark.parametrize("value", ["1_0", "+5", "1e1", "\u0665", "inf", "nan", "0x10", " "])
+def test_retry_after_that_is_not_delay_seconds_is_unreadable(value: str) -> None:
+    """Only digits (and a decimal fraction) are seconds; what ``float`` alone would read
+    (``1_0`` as 10, Arabic-Indic digits) is not a wait the service asked for."""
+    assert parse_retry_after({"Retry-After": value}) is None
+    assert parse_retry_after({"retry-after-ms": value, "Retry-After": "2"}) == 2
+
+
+def test_retry_after_in_every_http_date_form() -> None:
+    """RFC 9110's three date forms, all GMT (the asctime one says so by convention only)."""
+    for form in ("Thu, 01 Jan 1970 00:16:47 GMT", "Thursday, 01-Jan-70 00:16:47 GMT"):
+        assert parse_retry_after({"Retry-After": form}, now=1000.0) == 7
+    assert parse_retry_after({"Retry-After": "Thu Jan  1 00:16:47 1970"}, now=1000.0) == 7
+
+
 def test_backoff_is_exponential_capped_jittered_and_floored() -> None:
     policy = RetryPolicy(initial_backoff=0.5, max_backoff=8, jitter=0.25)
     rng = random.Random(1)

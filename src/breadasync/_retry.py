@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import math
 import random
+import re
 import time
 from collections.abc import Mapping
+from typing import Final
 
 from ._config import RetryPolicy
 
@@ -37,36 +40,34 @@ def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
     return status in (408, 429) or status >= 500
 
 
+_SECONDS: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+"""RFC 9110's delay-seconds (digits), with a decimal fraction accepted; nothing else that
+``float`` would read (``1_0``, ``+5``, ``1e1``, other scripts' digits)."""
+
+
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the service asks to wait: ``retry-after-ms``, else ``Retry-After`` as seconds
-    (a float is accepted) or as an HTTP date (against ``now``, seconds since the epoch,
-    default the system clock); ``None`` if absent or unreadable."""
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            value = float(ms) / 1000
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and value >= 0:
-            return value
+    (a decimal fraction is accepted) or as an HTTP date in any of RFC 9110's three forms
+    (against ``now``, seconds since the epoch, default the system clock); ``None`` if absent
+    or unreadable."""
+    ms = (headers.get("retry-after-ms") or "").strip()
+    if _SECONDS.fullmatch(ms):
+        return float(ms) / 1000
     raw = headers.get("Retry-After") or headers.get("retry-after")
     if raw is None:
         return None
     raw = raw.strip()
-    try:
+    if _SECONDS.fullmatch(raw):
         seconds = float(raw)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-        return max(0.0, seconds)
-    if not math.isfinite(seconds) or seconds < 0:
+        return seconds if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
         return None
-    return seconds
+    if when.tzinfo is None:
+        # The asctime form carries no zone; HTTP dates are always GMT.
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def backoff(
