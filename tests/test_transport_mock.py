@@ -387,6 +387,22 @@ def test_the_client_takes_a_transport() -> None:
     assert virtual(main) == {"ok": True}
 
 
+def test_a_recorded_request_shows_no_credentials() -> None:
+    """A failed assertion on ``MockTransport.requests`` prints them: without the key."""
+
+    async def main() -> TransportRequest:
+        mock = MockTransport(answer(200, {"Content-Type": "application/json"}))
+        async with BreadClient(KEY, "https://bread.test/v1", transport=mock) as c:
+            await c.request("GET", "/v1/repo/r/bakes")
+        return mock.requests[0]
+
+    request = virtual(main)
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    assert KEY not in repr(request)
+    assert KEY not in repr([request])
+    assert "'Authorization': '***'" in repr(request)
+
+
 class _Clock:
     def __init__(self) -> None:
         self.t = 0.0

@@ -43,6 +43,17 @@ class TransportRequest:
     timeout: float | None = None
     max_body_bytes: int = 64 * 1024 * 1024
 
+    def __repr__(self) -> str:
+        # A failed assertion on recorded requests prints them: never the credentials.
+        headers = {k: "***" if k.lower() in _SECRET_HEADERS else v for k, v in self.headers.items()}
+        return (
+            f"TransportRequest(method={self.method!r}, url={self.url!r}, headers={headers!r}, "
+            f"content={self.content!r}, timeout={self.timeout!r})"
+        )
+
+
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+
 
 @dataclass(frozen=True, slots=True)
 class TransportResponse:
