@@ -262,6 +262,19 @@ async def test_redirects_are_not_followed(client: BreadClient, bread_emulator: E
         (lambda c: c.targets.get("t", repo_name="r", user_id="ünï"), "must be ASCII"),
         (lambda c: c.targets.rollout.wait("t", repo_name="r", poll_timeout=0), "poll_timeout"),
         (
+            lambda c: c.targets.rollout.run("t", repo_name="r", poll=False, poll_timeout=-1),
+            "poll_timeout",
+        ),
+        (
+            lambda c: c.targets.rollout.run("t", repo_name="r", poll_policy={"initial": 1}),
+            "poll_policy must be a breadasync.PollPolicy, not dict",
+        ),
+        (lambda c: c.rollout_many(["t"], repo_name="r", poll_policy=2.0), "not float"),
+        (
+            lambda c: c.rollout_many(["t"], repo_name="r", on_progress="x"),
+            "on_progress must be a callable or None, not str",
+        ),
+        (
             lambda c: c.request("GET", "http://evil.example/v1/repo"),
             "not a path on the configured origin",
         ),

@@ -30,6 +30,7 @@ from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
 from ._errors import (
     BadRequestError,
     BreadError,
+    InvalidArgumentError,
     JobError,
     JobFailedError,
     PollTimeoutError,
@@ -108,6 +109,14 @@ class Fanout:
         self._kind: JobKind = kind
         self._wait = wait
         self._wait_for_stim = wait_for_stim and kind == "rollout"
+        if poll_policy is not NOT_GIVEN and not isinstance(poll_policy, PollPolicy):
+            raise InvalidArgumentError(
+                f"poll_policy must be a breadasync.PollPolicy, not {type(poll_policy).__name__}"
+            )
+        if on_progress is not None and not callable(on_progress):
+            raise InvalidArgumentError(
+                f"on_progress must be a callable or None, not {type(on_progress).__name__}"
+            )
         self._policy = api.poll_policy if poll_policy is NOT_GIVEN else poll_policy
         self._fail_fast = fail_fast
         self._on_progress = on_progress

@@ -168,6 +168,7 @@ class _Jobs:
             PaymentRequiredError: No credit left.
         """
         ref = TargetRef.of(target_name, repo_name)
+        poll_timeout = check_seconds(poll_timeout, "poll_timeout")  # before anything is sent
         if not poll:
             return await self._api.start_job(
                 ref, self._kind, user_id=user_id, timeout=timeout, idempotency_key=idempotency_key
@@ -177,7 +178,7 @@ class _Jobs:
             ref,
             self._kind,
             start=True,
-            poll_timeout=check_seconds(poll_timeout, "poll_timeout"),  # before anything is sent
+            poll_timeout=poll_timeout,
             poll_policy=poll_policy,
             raise_on_failure=raise_on_failure,
             user_id=user_id,
