@@ -63,12 +63,24 @@ def test_both_implementations_satisfy_the_protocol(tmp_path: Path) -> None:
         (("not a filesystem", "x"), "pyarrow.fs.FileSystem or an fsspec filesystem"),
         ((pafs.LocalFileSystem(), 3), "pair must be"),
         (42, "dest must be a path, a URI"),
+        ("", "dest must not be empty"),
+        ("  ", "dest must not be empty"),
+        ("out\x00put", "NUL character"),
+        (Path("out\x00put"), "NUL character"),
     ],
 )
 def test_bad_forms_are_one_line_errors(dest: object, message: str) -> None:
     with pytest.raises(InvalidArgumentError, match=message) as caught:
         resolve_destination(dest)
     assert "\n" not in str(caught.value)
+
+
+def test_a_tilde_is_the_home_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for dest in ("~/exports/x", Path("~/exports/x")):
+        found = resolve_destination(dest)
+        assert isinstance(found, LocalDestination)
+        assert found.path == tmp_path / "exports" / "x"
 
 
 @frozen

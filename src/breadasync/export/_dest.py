@@ -146,14 +146,14 @@ def resolve_destination(dest: Any) -> Destination:
     if isinstance(dest, tuple):
         return _from_pair(dest)
     if isinstance(dest, os.PathLike):
-        return LocalDestination(dest)
+        return _local(os.fspath(dest))
     if not isinstance(dest, str):
         raise InvalidArgumentError(
             f"dest must be a path, a URI, or a (filesystem, path) pair, not {type(dest).__name__}"
         )
     match = _SCHEME.match(dest)
     if match is None:
-        return LocalDestination(dest)
+        return _local(dest)
     scheme = match.group(1).lower()
     shown = dest.split("?", 1)[0]
     if not dest[match.end() :].startswith("//"):
@@ -170,6 +170,19 @@ def resolve_destination(dest: Any) -> Destination:
             f"{supported}, a local path, or a (pyarrow.fs.FileSystem, path) pair"
         )
     return _from_uri(dest, scheme, shown)
+
+
+def _local(path: str | bytes) -> LocalDestination:
+    """A local folder; ``~`` means the home folder, as in a shell (and pandas)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path.strip():
+        raise InvalidArgumentError(
+            "dest must not be empty: name a folder (write '.' for the current one)"
+        )
+    if "\x00" in path:
+        raise InvalidArgumentError(f"dest {path!r} holds a NUL character, which no path may")
+    return LocalDestination(os.path.expanduser(path))
 
 
 def _from_uri(uri: str, scheme: str, shown: str) -> Destination:
