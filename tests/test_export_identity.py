@@ -7,6 +7,7 @@ identity is its config plus a fingerprint of its first rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,38 @@ async def test_without_job_ids_config_and_first_rows_identify_the_job(
             on_progress=after_rows(2 * PART, lambda: rerun(no_job_ids, model="other/model")),
             **OPTIONS,
         )
+
+
+class HugeIntegers(NoJobIds):
+    """No ``job_id``, and every row holds integers beyond 64 bits and beyond a double's range
+    (the first rows, which identify the job, included)."""
+
+    def _rows(self, kind: str, state: Any, offset: int, count: int) -> bytes:
+        rows = orjson.loads(super()._rows(kind, state, offset, count))
+        for i, row in enumerate(rows, offset):
+            row |= {"id": 2**64 + i, "huge": 10**400 + i}
+        return json.dumps(rows).encode()
+
+
+@frozen
+async def test_integers_of_any_size_in_the_rows_that_identify_the_job(
+    client_of: Callable[[Emulator], BreadClient], tmp_path: Path
+) -> None:
+    """Without a ``job_id`` the first rows identify the job: read, hashed and checked again
+    exactly, as every other read of them (``get_output`` too)."""
+    emulator = HugeIntegers(speed=0)
+    with EmulatorThread(emulator):
+        emulator.add_target("r", "t", rows=300, rollout="complete")
+        client = client_of(emulator)
+        expected = [
+            {**row, "id": 2**64 + i, "huge": 10**400 + i}
+            for i, row in enumerate(emulator.trajectories("r", "t"))
+        ]
+        page = await client.targets.rollout.get_output("t", repo_name="r", limit=5)
+        assert page.output == expected[:5]
+        await client.export_rollout("t", repo_name="r", dest=tmp_path / "a", **OPTIONS)
+        assert batch_to_rows(pq.read_table(tmp_path / "a")) == expected
+        assert set(manifest(tmp_path / "a")["identity"]["job"]) == {"config", "first_rows"}
 
 
 # --- the batch stream checks its target when entered ---------------------------------------

@@ -50,6 +50,7 @@ from ._errors import (
     server_message,
     status_error_class,
 )
+from ._json import loads_exact
 from ._limits import Governor, Ticket, Verdict
 from ._redact import Redactor
 from ._retry import BACKPRESSURE, backoff, is_retryable_status, parse_retry_after
@@ -214,6 +215,8 @@ class Transport:
         error.message = self.scrub(error.message)
         error.args = (error.message,)
         error.excerpt = self.scrub(error.excerpt)
+        # The parser's error it was raised from keeps the whole body (orjson's ``doc``).
+        error.__context__ = error.__cause__ = None
         return error
 
     def _scrub_bytes(self, body: bytes) -> bytes:
@@ -538,10 +541,11 @@ class Transport:
 
 
 def decode_json(body: bytes, *, method: str, path: str, status: int) -> Any:
-    """Decode an answer's JSON, or raise a :class:`ProtocolError` that shows its start."""
+    """Decode an answer's JSON exactly (integers of any size), or raise a
+    :class:`ProtocolError` that shows its start."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return loads_exact(body)
+    except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
         deep = "depth" in str(exc) or "recursion" in str(exc)
         problem = "JSON nested too deeply" if deep else f"not JSON ({exc})"
         excerpt = _text_excerpt(body) if not deep else body[:40].decode("utf-8", "replace")

@@ -25,6 +25,7 @@ from typing import Any, Final, NoReturn
 import orjson
 
 from breadasync._errors import ProtocolError
+from breadasync._json import has_long_digits, loads_exact
 
 __all__ = ["DEFAULT_LIMITS", "DecodeLimits", "dumps_exact", "loads_exact", "read_page_json"]
 
@@ -76,11 +77,6 @@ class _Where:
         )
 
 
-_DIGITS: Final = bytes(48 if 48 <= i <= 57 else 120 if i == 46 else 32 for i in range(256))
-"""Digits to ``0``, the decimal point to ``x``, anything else to a space."""
-_LONG_INT: Final = b" " + b"0" * 19
-"""19 digits after neither a digit nor a point: an integer that orjson may read as a float
-(beyond int64 or uint64); a fraction's digits do not count."""
 _BIG: Final = float(2**63)
 """orjson reads integers in [-2**63, 2**64) as ints, anything beyond as a float of at least
 this magnitude."""
@@ -89,12 +85,6 @@ _SPACED_COLON: Final = re.compile(rb":(?<=[ \t\r\n]:)")
 """Whitespace before a colon, which may stand between a key and its colon and hide the key
 from the separator count (JSON allows it; compact and pretty-printed JSON never do it).
 The colon leads the pattern so the scan jumps from colon to colon."""
-
-
-def _has_long_digits(data: bytes | str) -> bool:
-    raw = data if isinstance(data, bytes) else data.encode()
-    digits = raw.translate(_DIGITS)
-    return _LONG_INT in digits or digits.startswith(_LONG_INT[1:])
 
 
 def _key_separators(body: bytes, parsed: int) -> int:
@@ -214,7 +204,7 @@ def read_page_json(
         text = str(exc)
         if "recursion" in text or "depth" in text:
             where.fail("JSON nested too deeply (over 1024 levels)", body)
-        if "infinity" in text and _has_long_digits(body):
+        if "infinity" in text and has_long_digits(body):
             # An integer beyond a double's range is still JSON, and kept exactly.
             data = _stdlib(body, where, vet=True)
         elif _NAN.search(body):
@@ -266,13 +256,6 @@ def read_page_json(
         # (which can also hide a duplicate from the count): Python's parser tells which.
         data = _stdlib(body, where)
     return data
-
-
-def loads_exact(text: str | bytes) -> Any:
-    """JSON text written by the exporter, read back exactly (integers of any size)."""
-    if _has_long_digits(text):
-        return json.loads(text)
-    return orjson.loads(text)
 
 
 def dumps_exact(value: Any) -> bytes:
