@@ -272,3 +272,44 @@ def test_import_breadasync_loads_neither_pyarrow_nor_rich() -> None:
         "assert 'pyarrow' in sys.modules\n"
     )
     assert heavy == ""
+
+
+FIRST_EXPORT = """
+import asyncio, json, sys, tempfile, threading
+
+class Watch:
+    threads = set()
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyarrow":
+            self.threads.add(threading.current_thread() is threading.main_thread())
+        return None
+
+sys.meta_path.insert(0, Watch())
+from breadasync import BreadClient, MockTransport, TransportResponse
+
+ROWS = [{"response": "a"}, {"response": "b"}]
+
+async def answer(request):
+    body = {"status": "complete", "lines": 2, "job_id": 1}
+    if "/output" in request.url:
+        body |= {"offset": 0, "limit": 2, "has_more": False, "output": ROWS}
+    return TransportResponse(200, {"Content-Type": "application/json"}, json.dumps(body).encode())
+
+async def main():
+    transport = MockTransport(answer)
+    async with BreadClient("k" * 16, "https://bread.test", transport=transport) as client:
+        with tempfile.TemporaryDirectory() as folder:
+            result = await client.export_rollout("t", repo_name="r", dest=folder,
+                                                 decode_processes=0)
+    assert result.rows == 2
+
+asyncio.run(main())
+print(sorted(Watch.threads))
+"""
+
+
+def test_the_first_export_loads_pyarrow_off_the_event_loop() -> None:
+    """Importing pyarrow and the exporter takes 0.2-0.7 s: in a worker thread, so a web
+    backend's first export does not hold its event loop that long."""
+    assert _in_fresh_python(FIRST_EXPORT) == "[False]"

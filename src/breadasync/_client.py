@@ -8,10 +8,14 @@ the official SDK's, so code moves over by adding ``await``.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
 
 from ._api import Api
 from ._config import (
@@ -377,6 +381,7 @@ class BreadClient:
             DataIntegrityError: The pages do not add up to ``lines`` rows.
             APIError: A request failed after its retries (e.g. :class:`NotFoundError`).
         """
+        await _load_exporter()
         from .export._exporter import Exporter, ExportOptions
 
         target = TargetRef.of(target_name, repo_name)
@@ -423,6 +428,7 @@ class BreadClient:
         its result (``error``) and does not stop the others. Other arguments as in
         :meth:`export_rollout`.
         """
+        await _load_exporter()
         from .export._exporter import Exporter, ExportOptions
         from .export._many import export_many
 
@@ -507,3 +513,13 @@ class BreadClient:
             user_id=user_id,
             timeout=timeout,
         )
+
+
+_EXPORTER: Final = "breadasync.export._exporter"
+
+
+async def _load_exporter() -> None:
+    """Import the exporter (and pyarrow: 0.3-0.7 s the first time) in a worker thread, so a
+    process's first export does not hold its event loop for that long."""
+    if _EXPORTER not in sys.modules:
+        await anyio.to_thread.run_sync(importlib.import_module, _EXPORTER)
