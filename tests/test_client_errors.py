@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
@@ -34,6 +35,8 @@ from breadasync import (
 )
 from breadasync._redact import FRAGMENT
 from breadasync.emulator import Emulator, Faults, TargetPlan
+from breadasync.export import batch_to_rows
+from tests.conftest import FAST_RETRY
 
 
 def assert_no_key(error: BaseException, key: str) -> None:
@@ -181,16 +184,18 @@ async def test_timeout_is_an_api_timeout_error(
 
 
 @pytest.mark.parametrize(
-    ("kind", "message"),
+    ("kind", "message", "requests"),
     [
-        ("html", "not JSON"),
-        ("truncated", "not JSON"),
-        ("deep", "nested too deeply"),
-        ("wrong-types", "field 'lines' should be an integer (got '3 lines')"),
+        # Not JSON at all (cut short, a proxy's page): retried like a 5xx, then given up.
+        ("html", "not JSON", FAST_RETRY.max_retries + 1),
+        ("truncated", "not JSON", FAST_RETRY.max_retries + 1),
+        # JSON the client refuses: another try would bring the same.
+        ("deep", "nested too deeply", 1),
+        ("wrong-types", "field 'lines' should be an integer (got '3 lines')", 1),
     ],
 )
 async def test_broken_answers_are_protocol_errors(
-    client: BreadClient, bread_emulator: Emulator, kind: str, message: str
+    client: BreadClient, bread_emulator: Emulator, kind: str, message: str, requests: int
 ) -> None:
     bread_emulator.add_target("r", "t", rows=3, rollout="complete")
     bread_emulator.set_faults(Faults(corrupt=1.0, corrupt_kind=kind))  # type: ignore[arg-type]
@@ -199,7 +204,28 @@ async def test_broken_answers_are_protocol_errors(
     assert message in str(caught.value)
     assert caught.value.status == 200
     assert str(caught.value).startswith("GET /v1/repo/r/targets/t/rollout -> 200")
-    assert bread_emulator.stats.count() == 1  # a broken answer is not retried
+    assert caught.value.retryable == (requests > 1)
+    assert bread_emulator.stats.count() == requests
+    if requests > 1:
+        assert f"(gave up after {requests} attempts)" in str(caught.value)
+
+
+async def test_a_body_that_is_not_json_now_and_then_costs_a_retry(
+    client: BreadClient, bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    """Complete 200 answers whose JSON is cut short, on a fifth of the requests: every call
+    and the export succeed, with the rows served."""
+    bread_emulator.add_target("r", "t", rows=3000, rollout="complete")
+    bread_emulator.set_faults(Faults(truncate=0.2))
+    job = await client.targets.rollout.get("t", repo_name="r")
+    assert job.lines == 3000
+    result = await client.export_rollout(
+        "t", repo_name="r", dest=tmp_path / "out", page_size=100, decode_processes=0
+    )
+    assert result.rows == 3000
+    assert bread_emulator.stats.faults("truncate") > 0
+    table = pq.read_table(tmp_path / "out")
+    assert batch_to_rows(table) == bread_emulator.trajectories("r", "t")
 
 
 async def test_output_that_is_not_a_list(client: BreadClient, bread_emulator: Emulator) -> None:

@@ -8,7 +8,7 @@ on :class:`Api`, never on ``BreadClient``, so dependencies point one way: facade
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -90,37 +90,47 @@ class Api:
         timeout: float | Timeouts | NotGiven = NOT_GIVEN,
         idempotency_key: str | None = None,
     ) -> _T:
-        """Send one request and parse its JSON answer with ``parse``."""
-        response = await self._transport.request(
-            method,
-            path,
-            params=params,
-            json_body=body,
-            user_id=self.user(user_id),
-            timeouts=None if timeout is NOT_GIVEN else Timeouts.of(timeout),
-            idempotency_key=idempotency_key,
-        )
-        try:
+        """Send one request and parse its JSON answer with ``parse`` (a GET whose body is
+        not JSON is retried, see :meth:`Transport.request_decoded`)."""
+
+        async def decode(response: Response) -> _T:
             data = decode_json(
                 response.body, method=method, path=response.path, status=response.status
             )
             return parse(data, Origin(method, response.path, response.status))
+
+        try:
+            return await self._transport.request_decoded(
+                method,
+                path,
+                decode,
+                params=params,
+                json_body=body,
+                user_id=self.user(user_id),
+                timeouts=None if timeout is NOT_GIVEN else Timeouts.of(timeout),
+                idempotency_key=idempotency_key,
+            )
         except ProtocolError as exc:
             raise self.scrubbed(exc) from None
 
-    async def get_raw(
+    async def get_decoded(
         self,
         path: str,
         params: Mapping[str, Any],
         user_id: str | None,
+        decode: Callable[[Response], Awaitable[_T]],
         slots: anyio.CapacityLimiter | None = None,
-    ) -> Response:
-        """A GET whose body the caller decodes (the exporter, off the event loop);
-        ``user_id`` is already resolved (:meth:`user`); ``slots`` is held by each attempt
-        in flight, not by the waits between them (see :meth:`Transport.request`)."""
-        return await self._transport.request(
-            "GET", path, params=params, user_id=user_id, slots=slots
-        )
+    ) -> _T:
+        """A GET whose body ``decode`` reads (the exporter, off the event loop), retried
+        when it is not JSON; ``user_id`` is already resolved (:meth:`user`); ``slots`` is
+        held by each attempt in flight, not by the waits between them or the decode (see
+        :meth:`Transport.request`)."""
+        try:
+            return await self._transport.request_decoded(
+                "GET", path, decode, params=params, user_id=user_id, slots=slots
+            )
+        except ProtocolError as exc:
+            raise self.scrubbed(exc) from None
 
     async def get_job(
         self,

@@ -186,19 +186,29 @@ class ClientClosedError(APIConnectionError):
 
 class ProtocolError(APIError):
     """The answer is not a valid API response: not JSON, nested absurdly deep, larger than
-    the size limit, or with fields of the wrong type. Not retried.
+    the size limit, or with fields of the wrong type. A GET whose body is not JSON at all
+    (cut short, or a proxy's page in its place) is retried like a 5xx; the rest is not.
 
     Attributes:
         status: The HTTP status of the answer.
         excerpt: The first bytes of the body, for a person to read.
+        retryable: Whether another try may mend it (the body is not JSON).
     """
 
     def __init__(
-        self, message: str, *, method: str, path: str, status: int, excerpt: str = ""
+        self,
+        message: str,
+        *,
+        method: str,
+        path: str,
+        status: int,
+        excerpt: str = "",
+        retryable: bool = False,
     ) -> None:
         super().__init__(message, method=method, path=path)
         self.status = status
         self.excerpt = excerpt
+        self.retryable = retryable
 
 
 class RedirectError(ProtocolError):

@@ -24,10 +24,10 @@ import re
 import ssl
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import anyio
@@ -57,6 +57,7 @@ from ._retry import BACKPRESSURE, backoff, is_retryable_status, parse_retry_afte
 from ._transports import AsyncBaseTransport, BodyTooLargeError, TransportRequest
 from ._version import __version__
 
+_T = TypeVar("_T")
 log = logging.getLogger("breadasync")
 
 _EXCERPT = 200
@@ -254,7 +255,38 @@ class Transport:
         idempotency_key: str | None = None,
         slots: anyio.CapacityLimiter | None = None,
     ) -> Response:
-        """Send a request, retrying per the policy, and return the 2xx answer.
+        """Send a request, retrying per the policy, and return the 2xx answer (see
+        :meth:`request_decoded`)."""
+        return await self.request_decoded(
+            method,
+            path,
+            _as_is,
+            params=params,
+            json_body=json_body,
+            user_id=user_id,
+            timeouts=timeouts,
+            idempotency_key=idempotency_key,
+            slots=slots,
+        )
+
+    async def request_decoded(
+        self,
+        method: str,
+        path: str,
+        decode: Callable[[Response], Awaitable[_T]],
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        user_id: str | None = None,
+        timeouts: Timeouts | None = None,
+        idempotency_key: str | None = None,
+        slots: anyio.CapacityLimiter | None = None,
+    ) -> _T:
+        """Send a request, retrying per the policy, and return ``decode`` of the 2xx answer.
+
+        A GET whose body ``decode`` finds is not JSON (a :class:`ProtocolError` marked
+        ``retryable``: cut short, or a proxy's page in its place) is retried like a 5xx, so
+        one broken body among good ones costs a retry, not the call.
 
         ``slots``, if given, is held by each attempt while it waits for the governor and
         is in flight, not during the waits between attempts (backoff, ``Retry-After``): a
@@ -328,7 +360,12 @@ class Transport:
                         attempt + 1,
                         len(outcome.body),
                     )
-                return outcome
+                try:
+                    return await decode(outcome)
+                except ProtocolError as exc:
+                    if not (exc.retryable and method == "GET"):
+                        raise
+                    outcome = exc
             error = outcome
             wait = self._next_wait(error, attempt, deadline, timeouts, read=method == "GET")
             if log.isEnabledFor(logging.DEBUG):
@@ -379,6 +416,8 @@ class Transport:
             retryable = is_retryable_status(error.status, error.headers)
         elif isinstance(error, CertificateError | ClientClosedError):
             retryable = False
+        elif isinstance(error, ProtocolError):
+            retryable = error.retryable and read and not self._closed
         else:
             retryable = isinstance(error, APIConnectionError) and not self._closed
         if not retryable:
@@ -555,7 +594,12 @@ def decode_json(body: bytes, *, method: str, path: str, status: int) -> Any:
             path=path,
             status=status,
             excerpt=excerpt,
+            retryable=not deep,
         ) from None
+
+
+async def _as_is(response: Response) -> Response:
+    return response
 
 
 def _gave_up(error: APIError, attempts: int, why: str | None = None) -> APIError:

@@ -66,7 +66,7 @@ class _Where:
     path: str
     status: int
 
-    def fail(self, problem: str, body: bytes = b"") -> NoReturn:
+    def fail(self, problem: str, body: bytes = b"", *, retryable: bool = False) -> NoReturn:
         excerpt = body[:40].decode("utf-8", "replace")
         raise ProtocolError(
             f"{self.method} {self.path} -> {self.status}: the answer is {problem}",
@@ -74,6 +74,7 @@ class _Where:
             path=self.path,
             status=self.status,
             excerpt=excerpt,
+            retryable=retryable,
         )
 
 
@@ -210,7 +211,8 @@ def read_page_json(
         elif _NAN.search(body):
             where.fail("not JSON: it has a NaN or Infinity token, which JSON does not allow")
         else:
-            where.fail(f"not JSON ({text})", body)
+            # Cut short, or a proxy's page in its place: another try may bring the page.
+            where.fail(f"not JSON ({text})", body, retryable=True)
     budget = _Budget(limits, where)
     if type(data) is dict:
         budget.keys += len(data)

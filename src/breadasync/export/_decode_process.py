@@ -147,11 +147,18 @@ class _Child:
             lines, state = json.loads(head)
             batch = pa.ipc.open_stream(payload).read_next_batch()
             return batch, lines, state
-        name, message, excerpt = json.loads(head)
+        name, message, excerpt, retryable = json.loads(head)
         if name == "DataIntegrityError":
             raise DataIntegrityError(message)
         if name == "ProtocolError":
-            raise ProtocolError(message, method=method, path=path, status=status, excerpt=excerpt)
+            raise ProtocolError(
+                message,
+                method=method,
+                path=path,
+                status=status,
+                excerpt=excerpt,
+                retryable=retryable,
+            )
         raise RuntimeError(f"the decoding process failed on {method} {path}: {message}")
 
     def close(self) -> None:
@@ -269,12 +276,13 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], decode: Callable[..., Any]) -> No
             batch, lines, state = decode(body, method, path, status, offset, limit, columns)
         except (ProtocolError, DataIntegrityError) as exc:
             excerpt = getattr(exc, "excerpt", "")
-            send_frame(
-                stdout, b"error", json.dumps([type(exc).__name__, str(exc), excerpt]).encode(), b""
-            )
+            retryable = getattr(exc, "retryable", False)
+            head = json.dumps([type(exc).__name__, str(exc), excerpt, retryable]).encode()
+            send_frame(stdout, b"error", head, b"")
             continue
         except Exception as exc:  # a bug: reported, and the child goes on
-            send_frame(stdout, b"error", json.dumps(["internal", repr(exc), ""]).encode(), b"")
+            head = json.dumps(["internal", repr(exc), "", False]).encode()
+            send_frame(stdout, b"error", head, b"")
             continue
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, batch.schema) as writer:

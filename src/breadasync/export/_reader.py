@@ -16,7 +16,7 @@ import anyio
 import pyarrow as pa
 from anyio.streams.memory import MemoryObjectSendStream
 
-from breadasync._errors import DataIntegrityError, ProtocolError
+from breadasync._errors import DataIntegrityError
 from breadasync._models import JobState, Origin, TargetRef, parse_page
 from breadasync._validation import target_path
 
@@ -27,6 +27,7 @@ from ._threads import run_to_end
 
 if TYPE_CHECKING:
     from breadasync._api import Api
+    from breadasync._transport import Response
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,32 +214,35 @@ class RangeReader:
             async with self._bounds.undecoded:
                 # The limiter bounds attempts in flight, not pages waiting for a retry: a
                 # page held back by a backoff or a Retry-After leaves its slot to the pages
-                # beyond it.
-                response = await self._client.get_raw(
+                # beyond it. A body that is not JSON is fetched again, like a 5xx.
+                decoded, path = await self._client.get_decoded(
                     self._path,
                     {"limit": limit, "offset": offset},
                     self._user_id,
+                    functools.partial(self._decode_body, offset, limit),
                     self._bounds.requests,
                 )
                 self.requests += 1
-                try:
-                    # Run to its end even when cancelled: no decode outlives the export.
-                    decoded = await run_to_end(
-                        self._decode,
-                        response.body,
-                        response.method,
-                        response.path,
-                        response.status,
-                        offset,
-                        limit,
-                        limiter=self._bounds.decoding,
-                    )
-                except ProtocolError as exc:
-                    raise self._client.scrubbed(exc) from None
-            self._check(decoded, response.path, offset)
+            self._check(decoded, path, offset)
             batches.append(decoded.batch)
             offset += decoded.batch.num_rows
         return batches
+
+    async def _decode_body(
+        self, offset: int, limit: int, response: Response
+    ) -> tuple[_Decoded, str]:
+        # Run to its end even when cancelled: no decode outlives the export.
+        decoded = await run_to_end(
+            self._decode,
+            response.body,
+            response.method,
+            response.path,
+            response.status,
+            offset,
+            limit,
+            limiter=self._bounds.decoding,
+        )
+        return decoded, response.path
 
     def _check(self, decoded: _Decoded, path: str, offset: int) -> None:
         lines = decoded.lines
