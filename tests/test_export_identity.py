@@ -205,7 +205,11 @@ async def test_a_rerun_between_interruption_and_resume(
     old = bread_emulator.job("r", "t").job_id
     await interrupted(client, tmp_path)
     rerun(bread_emulator, rows)
-    with pytest.raises(ExportMismatchError, match=rf"\(job {old}\).*resume=False"):
+    new = bread_emulator.job("r", "t").job_id
+    # Both jobs named: with the same lines and parts, nothing else tells them apart.
+    with pytest.raises(
+        ExportMismatchError, match=rf"\(job {old}\), not of .*\(job {new}\).*resume=False"
+    ):
         await client.export_rollout("t", repo_name="r", dest=tmp_path, **OPTIONS)
     result = await client.export_rollout("t", repo_name="r", dest=tmp_path, resume=False, **OPTIONS)
     assert (result.rows, result.parts_reused) == (rows, 0)

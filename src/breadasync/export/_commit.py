@@ -52,6 +52,12 @@ def in_mode(columns: Any) -> str:
     return f", with columns={columns!r}" if columns != "json" else ""
 
 
+def _this(wanted: dict[str, Any], what: str) -> str:
+    """The export wanted in words, its job named (a re-run has the same lines and parts)."""
+    words = describe(wanted)
+    return what if words == "something else" else words
+
+
 def describe(found: dict[str, Any]) -> str:
     """An identity, in words."""
     return (
@@ -221,7 +227,8 @@ def reconcile(
         same_target = _same_target(found, wanted)
         if not (same_target and not resume):
             raise ExportMismatchError(
-                f"{shown!r} already holds an export of {describe(found)}, not of {what}; "
+                f"{shown!r} already holds an export of {describe(found)}, not of "
+                f"{_this(wanted, what)}; "
                 "it was left untouched. Choose another folder"
                 + (", or pass resume=False to replace it" if same_target else ""),
                 dest=shown,
