@@ -24,6 +24,7 @@ from breadasync import (
     InternalServerError,
     Limits,
     MockTransport,
+    PollTimeoutError,
     ProtocolError,
     RateLimitError,
     RedirectError,
@@ -401,6 +402,37 @@ def test_a_recorded_request_shows_no_credentials() -> None:
     assert KEY not in repr(request)
     assert KEY not in repr([request])
     assert "'Authorization': '***'" in repr(request)
+
+
+STALL = 600.0
+"""Seconds a stalled answer takes (as a read timeout of 60 s per attempt, times retries)."""
+
+
+@pytest.mark.parametrize("phase", ["start", "poll"])
+def test_poll_timeout_bounds_a_request_in_flight(phase: str) -> None:
+    """``poll_timeout`` bounds the whole wait, a stalled request included: it is given up
+    at the deadline, not when its answer (or its timeouts and retries) come."""
+
+    async def handler(request: TransportRequest) -> TransportResponse:
+        if phase == "start" or request.method == "GET":
+            await anyio.sleep(STALL)
+        body = b'{"status": "running", "lines": 1}'
+        return TransportResponse(200, {"Content-Type": "application/json"}, body)
+
+    async def main() -> tuple[PollTimeoutError, float]:
+        started = anyio.current_time()
+        async with BreadClient(KEY, "https://bread.test", transport=MockTransport(handler)) as c:
+            with pytest.raises(PollTimeoutError) as caught:
+                await c.targets.rollout.run("t", repo_name="r", poll_timeout=2)
+        return caught.value, anyio.current_time() - started
+
+    error, took = virtual(main)
+    assert took < STALL / 10  # virtual seconds: the deadline, not the stalled answer
+    if phase == "start":
+        assert "the start request was not answered" in str(error)
+        assert "may or may not have started" in str(error)
+    else:
+        assert "still running (1 lines) when poll_timeout=2" in str(error)
 
 
 class _Clock:

@@ -193,6 +193,18 @@ class Fanout:
         ref = entry.ref
         api = self._api
         entry.requests += 1
+        # The deadline bounds the request in flight too (its retries and their waits).
+        with anyio.CancelScope(deadline=entry.deadline) as scope:
+            return await self._request(entry, ref, api)
+        assert scope.cancelled_caught
+        self._timeout(
+            entry,
+            f"{self._timeout_name}={self._target_timeout} s",
+            unanswered=entry.phase == "start",
+        )
+        return None
+
+    async def _request(self, entry: _Entry, ref: TargetRef, api: Api) -> float | None:
         try:
             if entry.phase == "start":
                 try:
@@ -285,13 +297,19 @@ class Fanout:
         entry.schedule.observe(stim, anyio.current_time())
         return entry.schedule.next_delay()
 
-    def _timeout(self, entry: _Entry, why: str) -> None:
+    def _timeout(self, entry: _Entry, why: str, *, unanswered: bool = False) -> None:
         ref = entry.ref
         status = entry.status or JobStatus(JobState.NOT_STARTED)
         lines = "" if status.lines is None else f" ({status.lines} lines)"
+        message = (
+            f"{self._kind} of {ref}: the start request was not answered when {why} ran out; "
+            "the job may or may not have started on the service"
+            if unanswered
+            else f"{self._kind} of {ref} still {status.status}{lines} when {why} ran out; it "
+            "keeps running on the service"
+        )
         error = PollTimeoutError(
-            f"{self._kind} of {ref} still {status.status}{lines} when {why} ran out; it keeps "
-            "running on the service",
+            message,
             repo_name=ref.repo_name,
             target_name=ref.target_name,
             kind=self._kind,
