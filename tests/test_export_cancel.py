@@ -176,3 +176,45 @@ def test_fifty_cancellations_at_random_moments_in_one_process(
             )
     else:
         assert tally["result"] == rows_digest(bread_emulator.trajectories("r", "t"))
+
+
+async def test_a_cancel_during_a_part_commit_leaves_it_journaled(
+    make_client: Any, bread_emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare ``Task.cancel`` that lands while a part is being committed (in its thread):
+    the part is on disk and in the journal, so the next run reuses it instead of fetching
+    its pages again."""
+    from breadasync.export import _commit
+
+    bread_emulator.add_target("r", "t", rows=ROWS, rollout="complete")
+    loop = asyncio.get_running_loop()
+    commit = _commit.PartWriter.commit
+    task: asyncio.Task[object] | None = None
+    commits = 0
+
+    def cancelling_commit(self: _commit.PartWriter) -> Any:
+        nonlocal commits
+        commits += 1
+        if commits == 2:
+            assert task is not None
+            # The cancel is delivered to the waiting task while this thread still runs.
+            asyncio.run_coroutine_threadsafe(_cancel(task), loop).result()
+        return commit(self)
+
+    monkeypatch.setattr(_commit.PartWriter, "commit", cancelling_commit)
+    client = make_client(retry=ROBUST)
+    options = {**OPTIONS, "decode_processes": 0}
+    task = asyncio.create_task(client.export_rollout("t", repo_name="r", dest=tmp_path, **options))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    monkeypatch.setattr(_commit.PartWriter, "commit", commit)
+    on_disk = sorted(p.name for p in tmp_path.glob("part-*.parquet"))
+    journal = [orjson.loads(line) for line in (tmp_path / "_journal.jsonl").read_bytes().split()]
+    assert on_disk == [entry["name"] for entry in journal[1:]] == on_disk[:2]
+    result = await client.export_rollout("t", repo_name="r", dest=tmp_path, **options)
+    assert result.parts_reused == 2
+    assert batch_to_rows(pq.read_table(tmp_path)) == bread_emulator.trajectories("r", "t")
+
+
+async def _cancel(task: asyncio.Task[object]) -> None:
+    task.cancel()

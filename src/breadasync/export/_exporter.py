@@ -438,10 +438,11 @@ class Exporter:
                         await in_thread(writer.add, batches)
                         progress.add(sum(batch.num_rows for batch in batches))
                         if writer.done:
-                            # A part on disk and in the journal, or neither: a cancel waits.
+                            # A part on disk and in the journal, or neither: one thread call
+                            # does both, which a cancel (anyio's or a bare task.cancel())
+                            # waits for.
                             with anyio.CancelScope(shield=True):
-                                record = await in_thread(writer.commit)
-                                await in_thread(store.append_journal, record.to_dict())
+                                record = await in_thread(_commit_part, writer, store)
                             written.append(record)
                             writer = None
                     except OSError as exc:
@@ -494,3 +495,9 @@ class Exporter:
             "breadasync": __version__,
         }
         commit(store, manifest, schema_for(self._options.columns))
+
+
+def _commit_part(writer: PartWriter, store: Destination) -> PartRecord:
+    record = writer.commit()
+    store.append_journal(record.to_dict())
+    return record
