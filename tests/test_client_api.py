@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -131,6 +132,38 @@ async def test_failed_rollout_raises_with_the_reason(
     assert (error.repo_name, error.target_name, error.kind) == ("r", "t", "rollout")
     status = await client.targets.rollout.wait("t", repo_name="r", raise_on_failure=False)
     assert status.status is JobState.FAILED
+
+
+def round_trip(value: Any) -> Any:
+    copy = pickle.loads(pickle.dumps(value))  # noqa: S301 (our own objects)
+    assert type(copy) is type(value)
+    return copy
+
+
+async def test_answers_results_and_job_errors_survive_pickling(
+    client: BreadClient, bread_emulator: Emulator
+) -> None:
+    """They cross process boundaries (multiprocessing, Ray), though their mappings are
+    read-only ``mappingproxy`` objects, which cannot be pickled themselves."""
+    bread_emulator.add_target("r", "ok", rows=3, rollout="complete")
+    bread_emulator.add_target(
+        "r", "bad", plan=TargetPlan(stimuli=10, fail="rollout", fail_at=0.3, rollout_seconds=1)
+    )
+    target = await client.targets.get("ok", repo_name="r")
+    targets = await client.targets.list("r")
+    page = await client.targets.rollout.get_output("ok", repo_name="r")
+    for answer in (target, targets, page, page.job):
+        assert round_trip(answer) == answer
+    assert isinstance(round_trip(page.job).config, type(page.job.config))
+    results = await client.rollout_many(["ok", "bad"], repo_name="r")
+    copy = round_trip(results)
+    assert [(r.target, r.outcome, r.status) for r in copy] == [
+        (r.target, r.outcome, r.status) for r in results
+    ]
+    with pytest.raises(JobFailedError) as caught:
+        await client.targets.rollout.wait("bad", repo_name="r")
+    error = round_trip(caught.value)
+    assert (str(error), error.job) == (str(caught.value), caught.value.job)
 
 
 @frozen

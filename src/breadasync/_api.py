@@ -94,9 +94,10 @@ class Api:
         not JSON is retried, see :meth:`Transport.request_decoded`)."""
 
         async def decode(response: Response) -> _T:
-            data = decode_json(
-                response.body, method=method, path=response.path, status=response.status
-            )
+            # A status or a target that echoes the key (in a job's error, say) would carry
+            # it into results and exceptions: hidden, as in every error.
+            body = self._transport.hide_key(response.body)
+            data = decode_json(body, method=method, path=response.path, status=response.status)
             return parse(data, Origin(method, response.path, response.status))
 
         try:

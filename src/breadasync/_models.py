@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, TypedDict, TypeVar
 
@@ -23,6 +23,23 @@ ProgressCallback = Callable[[_U], Any]
 ``ProgressCallback[ExportProgress]`` for exports. Its return value is ignored."""
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _reduce(obj: Any) -> tuple[Any, ...]:
+    """Pickling for the frozen answers below: their read-only mappings go as dicts (a
+    ``mappingproxy`` cannot be pickled), so results and the errors holding them cross a
+    process boundary (multiprocessing, a Ray task)."""
+    state = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    proxies = tuple(name for name, value in state.items() if type(value) is MappingProxyType)
+    for name in proxies:
+        state[name] = dict(state[name])
+    return (_rebuild, (type(obj), state, proxies))
+
+
+def _rebuild(cls: type[Any], state: dict[str, Any], proxies: tuple[str, ...]) -> Any:
+    for name in proxies:
+        state[name] = MappingProxyType(state[name])
+    return cls(**state)
 
 
 class JobState(enum.StrEnum):
@@ -77,6 +94,8 @@ class JobStatus:
     total_expected: int | None = None
     raw: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, repr=False)
 
+    __reduce__ = _reduce
+
     @property
     def is_terminal(self) -> bool:
         """Whether the job has stopped (``complete`` or ``failed``)."""
@@ -124,6 +143,8 @@ class OutputPage:
     has_more: bool
     output: list[dict[str, Any]]
     raw: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, repr=False)
+
+    __reduce__ = _reduce
 
     @property
     def status(self) -> JobState:
@@ -175,6 +196,8 @@ class Target:
     config: Mapping[str, Any]
     raw: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, repr=False)
 
+    __reduce__ = _reduce
+
 
 @dataclass(frozen=True, slots=True)
 class TargetList:
@@ -187,6 +210,8 @@ class TargetList:
 
     targets: list[str]
     raw: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, repr=False)
+
+    __reduce__ = _reduce
 
     def __iter__(self) -> Iterator[str]:
         """The names, as the official SDK's list results iterate."""

@@ -220,6 +220,12 @@ class Transport:
         error.__context__ = error.__cause__ = None
         return error
 
+    def hide_key(self, body: bytes) -> bytes:
+        """``body`` with every whole copy of the API key replaced (not fragments: this is
+        data, where eight characters in common with the key may be chance)."""
+        key = self._key.encode()
+        return body.replace(key, b"***") if key in body else body
+
     def _scrub_bytes(self, body: bytes) -> bytes:
         return self._redactor.bytes(body)
 
@@ -566,6 +572,8 @@ class Transport:
         if message:
             text += f": {message}"
         retry_after = parse_retry_after(headers, now=self._clock.wall())
+        # The headers are kept on the error (and pickled with it): an echoed key is hidden.
+        headers = CIMultiDictProxy(CIMultiDict((k, self.scrub(v)) for k, v in headers.items()))
         return status_error_class(status)(
             text,
             method=method,
