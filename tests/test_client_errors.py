@@ -23,6 +23,7 @@ from breadasync import (
     ConflictError,
     InternalServerError,
     InvalidArgumentError,
+    JobFailedError,
     NotFoundError,
     PaymentRequiredError,
     PermissionDeniedError,
@@ -441,8 +442,13 @@ async def echoing_server(pad: int) -> AsyncIterator[str]:
         return web.Response(text="x" * pad + request.headers["Authorization"])
 
     async def status(request: web.Request) -> web.Response:
+        auth = request.headers["Authorization"]
         if request.match_info["target"] == "s":
             return echo(request)
+        if request.match_info["target"] == "h":
+            return web.json_response({"error": "down"}, status=500, headers={"X-Echo": auth})
+        if request.match_info["target"] == "f":
+            return web.json_response({"status": "failed", "lines": 1, "error": f"bad {auth}"})
         return web.json_response({"status": "complete", "lines": 10, "job_id": 1})
 
     async def output(request: web.Request) -> web.Response:
@@ -481,3 +487,21 @@ async def test_a_key_cut_short_by_an_excerpt_shows_no_fragment(pad: int, tmp_pat
             texts = [str(caught.value), repr(caught.value), caught.value.excerpt]
             shown = [f for f in fragments for text in texts if f in text]
             assert not shown, (name, shown, texts)
+
+
+async def test_a_key_echoed_in_headers_or_a_job_error_is_hidden() -> None:
+    async with (
+        echoing_server(0) as url,
+        BreadClient(KEY, url, max_retries=0) as client,
+    ):
+        with pytest.raises(InternalServerError) as caught:
+            await client.targets.rollout.get("h", repo_name="r")
+        assert caught.value.headers["X-Echo"] == "Bearer ***"
+        assert_no_key(caught.value, KEY)
+        status = await client.targets.rollout.get("f", repo_name="r")
+        assert status.error == "bad Bearer ***"
+        assert KEY not in repr(status.raw)
+        with pytest.raises(JobFailedError) as failed:
+            await client.targets.rollout.wait("f", repo_name="r")
+        assert_no_key(failed.value, KEY)
+        assert KEY not in repr(failed.value.job.raw)
