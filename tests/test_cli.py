@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -520,3 +521,30 @@ def test_ctrl_c_before_any_part_is_written_promises_nothing(
     )
     assert "kept" not in stderr
     assert not list((out / "repo=r" / "target=t").glob("*.parquet"))
+
+
+class _Interrupting(types.ModuleType):
+    """A module whose first use raises KeyboardInterrupt: Ctrl-C while it loads."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_ctrl_c_while_the_command_loads_is_the_usual_one_line(
+    json_flag: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from breadasync.cli import EXIT_INTERRUPTED, main
+
+    monkeypatch.setitem(sys.modules, "breadasync.cli._output", _Interrupting("stub"))
+    monkeypatch.setenv("BREAD_API_KEY", "sk-loading-secret")
+    code = main(["status", "t1", "--repo", "r", *json_flag])
+    out, err = capsys.readouterr()
+    assert code == EXIT_INTERRUPTED == 130
+    assert err == "breadasync: interrupted\n"
+    if json_flag:
+        document = orjson.loads(out)
+        assert document["exit_code"] == 130
+        assert document["error"] == {"type": "interrupted", "message": "interrupted"}
+    else:
+        assert out == ""

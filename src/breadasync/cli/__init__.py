@@ -181,7 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("export", "demo"):
         # Made before the command runs, so Ctrl-C at any moment finds it.
         args.export_watch = ExportWatch(args.out, getattr(args, "repo", DEMO_REPO))
-    return _run(args, argv, secrets, scrub)
+    try:
+        return _run(args, argv, secrets, scrub)
+    except KeyboardInterrupt:
+        # Ctrl-C while the command was still loading (rich, aiohttp), before its own
+        # handling began: the same one line (and document), without rich.
+        message, more = _interrupted(args, argv, secrets)
+        if wants_json(argv):
+            document = _fail_document(EXIT_INTERRUPTED, "interrupted", message, **more)
+            sys.stdout.write(scrub(json.dumps(document, indent=2)) + "\n")
+        sys.stderr.write(scrub(f"breadasync: {message}") + "\n")
+        return EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace, argv: list[str], secrets: set[str], scrub: Scrub) -> int:
