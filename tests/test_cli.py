@@ -173,6 +173,12 @@ def test_status_command(bread_emulator: Emulator) -> None:
     assert table.returncode == 1
     assert "r/done" in table.stdout
     assert "Target not found" in table.stdout
+    before = bread_emulator.stats.count()
+    for argv in (("--repo", "", "done"), ("--repo", "r", "done", "..")):
+        bad = run("status", *argv, emulator=bread_emulator)
+        assert bad.returncode == 2, bad.stderr  # a usage error, as for rollout and export
+        assert bad.stderr.count("\n") == 1
+    assert bread_emulator.stats.count() == before  # nothing was asked
 
 
 # --- export --------------------------------------------------------------------------------

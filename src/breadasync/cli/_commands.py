@@ -14,6 +14,7 @@ from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from breadasync._errors import BreadError, ConfigError
+from breadasync._models import TargetRef
 
 from ._args import (
     DEMO_REPO,
@@ -128,6 +129,10 @@ async def cmd_status(args: argparse.Namespace, ui: Ui) -> int:
     found: dict[str, dict[str, Any]] = {}
     async with make_client(args) as client:
         targets = await all_targets(client, args.repo) if args.all else args.targets
+        for name in targets:
+            # Every name checked before anything is asked, as the other commands do: a
+            # mistake is a usage error (exit 2), not one failed target among good ones.
+            TargetRef.of(name, args.repo)
         limiter = anyio.CapacityLimiter(64)
 
         async def one(name: str) -> None:
