@@ -206,3 +206,13 @@ def test_a_real_ctrl_c_shows_no_key(
     assert interrupted["rows_committed"] + interrupted["rows_to_refetch"] == 20_000
     assert KEY not in json_out + json_err
     no_key_in_files(tmp_path)
+
+
+def test_a_key_with_surrounding_whitespace_is_hidden_as_sent() -> None:
+    """``BREAD_API_KEY`` read from a file keeps its newline; the client strips it, so the
+    copy a service echoes is the stripped one."""
+    from breadasync.cli._args import Scrub, secrets_in
+
+    secrets = secrets_in([], {"BREAD_API_KEY": f"  {KEY}\n"})
+    assert KEY in secrets
+    assert Scrub(secrets)(f"echoed: Bearer {KEY}.") == "echoed: Bearer ***."
