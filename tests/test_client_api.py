@@ -285,10 +285,13 @@ async def test_spec_dialect_parses_too(client: BreadClient, bread_emulator: Emul
 async def test_unknown_states_and_fields_are_kept(client: BreadClient) -> None:
     from breadasync._models import Origin, parse_job
 
-    status = parse_job({"status": "cancelled", "lines": 3, "shard": 7}, Origin("GET", "/", 200))
-    assert status.status == "cancelled"
-    assert not status.is_terminal
+    status = parse_job({"status": "queued", "lines": 3, "shard": 7}, Origin("GET", "/", 200))
+    assert status.status == "queued"
+    assert not status.is_terminal  # a state nobody named is waited through
     assert status.raw["shard"] == 7
+    # A stop the docs do not list still ends the wait, as a failure.
+    stopped = parse_job({"status": "Cancelled", "lines": 3}, Origin("GET", "/", 200))
+    assert (stopped.status, stopped.is_terminal, stopped.is_failed) == ("cancelled", True, True)
 
 
 async def test_a_bad_poll_timeout_is_refused_before_the_job_starts(

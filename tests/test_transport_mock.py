@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 import pytest
 from yarl import URL
 
@@ -22,6 +23,8 @@ from breadasync import (
     BreadClient,
     CertificateError,
     InternalServerError,
+    JobFailedError,
+    JobStatus,
     Limits,
     MockTransport,
     PollTimeoutError,
@@ -433,6 +436,43 @@ def test_poll_timeout_bounds_a_request_in_flight(phase: str) -> None:
         assert "may or may not have started" in str(error)
     else:
         assert "still running (1 lines) when poll_timeout=2" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("states", "ending"),
+    [
+        (["PENDING", " Running ", "COMPLETE"], "complete"),
+        (["running", "Cancelled"], "ended cancelled after 1 lines"),
+        (["queued", "queued", "failed"], "failed after 1 lines"),
+    ],
+)
+def test_job_states_are_read_whatever_their_case_and_a_cancel_ends_the_wait(
+    states: list[str], ending: str
+) -> None:
+    """A state in capitals or padded is the state; ``cancelled`` (and the like) is a stop,
+    so the wait ends instead of polling forever; an unknown state (``queued``) is waited
+    through."""
+    answers = iter(states)
+
+    async def handler(request: TransportRequest) -> TransportResponse:
+        body = orjson.dumps({"status": next(answers), "lines": 1, "error": None})
+        return TransportResponse(200, {"Content-Type": "application/json"}, body)
+
+    async def main() -> JobStatus | JobFailedError:
+        async with BreadClient(KEY, "https://bread.test", transport=MockTransport(handler)) as c:
+            try:
+                return await c.targets.rollout.run("t", repo_name="r", poll_timeout=600)
+            except JobFailedError as exc:
+                return exc
+
+    outcome = virtual(main)
+    if isinstance(outcome, JobFailedError):
+        assert outcome.job.is_failed
+        assert outcome.job.is_terminal
+        assert ending in str(outcome)
+    else:
+        assert outcome.is_complete
+        assert ending == outcome.status
 
 
 class _Clock:

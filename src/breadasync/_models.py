@@ -11,7 +11,7 @@ import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, TypedDict, TypeVar
+from typing import Any, Final, TypedDict, TypeVar
 
 from ._errors import InvalidArgumentError, ProtocolError
 from ._validation import check_name
@@ -43,10 +43,13 @@ def _rebuild(cls: type[Any], state: dict[str, Any], proxies: tuple[str, ...]) ->
 
 
 class JobState(enum.StrEnum):
-    """The state of a stim or rollout job. Terminal states are ``COMPLETE`` and ``FAILED``.
+    """The state of a stim or rollout job. Terminal states are ``COMPLETE`` and ``FAILED``,
+    and the stops the docs do not list but a service may send: ``cancelled`` (or
+    ``canceled``), ``aborted``, ``error``, ``errored``, ``expired``.
 
-    A state the service invents later (say ``"cancelled"``) still parses, as a member that
-    is neither terminal nor one of these.
+    A state is read without regard to case or surrounding whitespace (``"COMPLETE"`` is
+    ``COMPLETE``). Any other state the service invents later still parses, as a member that
+    is neither terminal nor one of these (a job in it is waited for).
     """
 
     NOT_STARTED = "not_started"
@@ -59,15 +62,26 @@ class JobState(enum.StrEnum):
     def _missing_(cls, value: object) -> JobState | None:
         if not isinstance(value, str):
             return None
-        member = str.__new__(cls, value)
-        member._name_ = value.upper()
-        member._value_ = value
+        normal = value.strip().lower()
+        if normal in cls._value2member_map_:
+            return cls(normal)
+        member = str.__new__(cls, normal)
+        member._name_ = normal.upper()
+        member._value_ = normal
         return member
 
     @property
     def is_terminal(self) -> bool:
-        """Whether the job has stopped (``complete`` or ``failed``)."""
-        return self in (JobState.COMPLETE, JobState.FAILED)
+        """Whether the job has stopped (complete, failed, or another stop)."""
+        return self is JobState.COMPLETE or self.is_stopped
+
+    @property
+    def is_stopped(self) -> bool:
+        """Whether the job stopped without completing (``failed``, ``cancelled``...)."""
+        return self is JobState.FAILED or self._value_ in _STOPPED
+
+
+_STOPPED: Final = frozenset({"cancelled", "canceled", "aborted", "error", "errored", "expired"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +122,9 @@ class JobStatus:
 
     @property
     def is_failed(self) -> bool:
-        """Whether the job failed."""
-        return self.status is JobState.FAILED
+        """Whether the job stopped without completing (``failed``, or ``cancelled`` and the
+        like, see :class:`JobState`)."""
+        return self.status.is_stopped
 
     @property
     def progress(self) -> float | None:

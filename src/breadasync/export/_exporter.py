@@ -157,9 +157,9 @@ async def in_thread(func: Any, *args: Any) -> Any:
 def _unfinished(target: TargetRef, job: JobStatus, dest: str) -> UnfinishedJobError:
     lines = f"{job.lines:,}" if job.lines is not None else "no"
     partial = "allow a partial export (allow_partial=True; --allow-partial on the command line)"
-    if job.status is JobState.FAILED:
+    if job.is_failed:
         why = (
-            f"failed ({job.error or 'no reason given'}) after {lines} lines; to keep the "
+            f"{job.status} ({job.error or 'no reason given'}) after {lines} lines; to keep the "
             f"lines it produced, {partial}"
         )
     elif job.status is JobState.NOT_STARTED:
