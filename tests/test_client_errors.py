@@ -347,6 +347,8 @@ def test_environment_supplies_key_and_url(monkeypatch: pytest.MonkeyPatch) -> No
         ({"base_url": "http://bapi.bread.com.ai"}, "plain http to a host that is not loopback"),
         ({"base_url": "https://user:pw@bapi.bread.com.ai"}, "must not carry credentials"),
         ({"base_url": "https://bapi.bread.com.ai/?x=1"}, "must not have a query"),
+        # A key pasted into the query is not echoed back.
+        ({"base_url": "https://bapi.bread.com.ai/?key=sk-pasted-here"}, r"ai/' must not"),
         ({"timeout": 0}, "timeout must be a positive number"),
         ({"timeout": -5}, "timeout must be a positive number"),
         ({"timeout": Timeouts(total=None, connect=1, read=1, request=1)}, None),
@@ -364,8 +366,11 @@ def test_bad_configuration(kwargs: dict[str, Any], message: str | None) -> None:
     if message is None:
         BreadClient(**kwargs)
         return
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+    ) as caught:
         BreadClient(**kwargs)
+    assert "sk-pasted-here" not in str(caught.value)
 
 
 def test_insecure_http_needs_an_opt_in() -> None:

@@ -307,9 +307,13 @@ async def test_killed_exporter_resumes_fetching_only_missing_parts(tmp_path: Pat
         # (10 pages) are not committed, so 8 pages or more are.
         assert 2 <= len(done_parts) <= 5
 
+        # What a kill in the middle of an atomic write leaves: cleared by the next run.
+        for stale in ("._manifest.parquet.tmp-1a2b", "._journal.jsonl.tmp-3c4d"):
+            (dest / stale).write_bytes(b"half")
         killer.stats.reset()
         async with BreadClient(killer.api_key, killer.url) as client:
             result = await client.export_rollout("t", repo_name="r", dest=dest, rows_per_part=4000)
+        assert not list(dest.glob(".*.tmp-*"))
         assert result.parts_reused == len(done_parts)
         assert result.parts_written == 10 - len(done_parts)
         fetched_parts = {

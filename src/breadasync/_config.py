@@ -213,7 +213,9 @@ def resolve_base_url(base_url: str | None, *, allow_insecure_http: bool) -> URL:
     if url.user or url.password:
         raise ConfigError("base_url must not carry credentials; pass api_key instead")
     if url.query_string or url.fragment:
-        raise ConfigError(f"base_url {raw!r} must not have a query or fragment")
+        # Not echoed: a query may hold a secret (a key pasted there by mistake).
+        shown = str(url.with_query(None).with_fragment(None))
+        raise ConfigError(f"base_url {shown!r} must not have a query (?...) or fragment (#...)")
     if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
         raise ConfigError(
             f"base_url {raw!r} uses plain http to a host that is not loopback, which would "

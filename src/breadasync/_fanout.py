@@ -197,11 +197,7 @@ class Fanout:
         with anyio.CancelScope(deadline=entry.deadline) as scope:
             return await self._request(entry, ref, api)
         assert scope.cancelled_caught
-        self._timeout(
-            entry,
-            f"{self._timeout_name}={self._target_timeout} s",
-            unanswered=entry.phase == "start",
-        )
+        self._timeout(entry, f"{self._timeout_name}={self._target_timeout} s")
         return None
 
     async def _request(self, entry: _Entry, ref: TargetRef, api: Api) -> float | None:
@@ -297,17 +293,22 @@ class Fanout:
         entry.schedule.observe(stim, anyio.current_time())
         return entry.schedule.next_delay()
 
-    def _timeout(self, entry: _Entry, why: str, *, unanswered: bool = False) -> None:
+    def _timeout(self, entry: _Entry, why: str) -> None:
         ref = entry.ref
         status = entry.status or JobStatus(JobState.NOT_STARTED)
         lines = "" if status.lines is None else f" ({status.lines} lines)"
-        message = (
-            f"{self._kind} of {ref}: the start request was not answered when {why} ran out; "
-            "the job may or may not have started on the service"
-            if unanswered
-            else f"{self._kind} of {ref} still {status.status}{lines} when {why} ran out; it "
-            "keeps running on the service"
-        )
+        if entry.phase == "start" and entry.status is None and entry.requests == 0:
+            message = f"{self._kind} of {ref} was not started: {why} ran out before its turn"
+        elif entry.phase == "start" and entry.status is None:
+            message = (
+                f"{self._kind} of {ref}: the start request was not answered when {why} ran "
+                "out; the job may or may not have started on the service"
+            )
+        else:
+            message = (
+                f"{self._kind} of {ref} still {status.status}{lines} when {why} ran out; it "
+                "keeps running on the service"
+            )
         error = PollTimeoutError(
             message,
             repo_name=ref.repo_name,

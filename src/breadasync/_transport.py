@@ -399,7 +399,10 @@ class Transport:
             return await self._governor.admit(retry=attempt > 0)
         with anyio.move_on_after(max(remaining, 0.0)):
             return await self._governor.admit(retry=attempt > 0)
-        why = "the client-wide pace (the service pushed back) would pass the total timeout"
+        why = (
+            "waiting for its turn (the client's concurrency limit, or its pace after the "
+            "service pushed back) would pass the total timeout"
+        )
         if error is not None:
             raise _gave_up(error, attempt, why)
         raise APITimeoutError(f"{method} {shown}: not sent: {why}", method=method, path=shown)
@@ -544,8 +547,9 @@ class Transport:
     def _too_large(self, method: str, shown: str, status: int, size: str) -> ProtocolError:
         return ProtocolError(
             f"{method} {shown} -> {status}: the answer is {size}, over the limit of "
-            f"{self.limits.max_body_bytes:,} bytes (Limits.max_body_bytes); no page of this "
-            "API should be that large",
+            f"{self.limits.max_body_bytes:,} bytes (Limits.max_body_bytes); for output "
+            "pages of large rows, ask for fewer rows a page (limit=, or page_size= to "
+            "export), or raise the limit",
             method=method,
             path=shown,
             status=status,

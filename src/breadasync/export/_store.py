@@ -320,10 +320,12 @@ class LocalDestination:
             part.temp.unlink(missing_ok=True)
 
     def remove_stale(self) -> None:
-        """Remove temporary files a killed exporter left behind (the lock is held)."""
-        for stale in self.path.glob(".part-*.parquet.tmp-*"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        """Remove temporary files a killed exporter left behind (the lock is held): of
+        parts, and of the manifest and journal written atomically."""
+        for pattern in (".part-*.parquet.tmp-*", f".{MANIFEST}.tmp-*", f".{JOURNAL}.tmp-*"):
+            for stale in self.path.glob(pattern):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def verify_part(self, record: PartRecord) -> str | None:
         """Why the part on disk does not match ``record``, or ``None`` if it does."""
