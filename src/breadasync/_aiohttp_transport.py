@@ -97,8 +97,8 @@ class AiohttpTransport(AsyncBaseTransport):
         except TimeoutError:
             raise APITimeoutError(
                 f"{method} {shown}: no complete answer within the timeout (connect "
-                f"{request.connect_timeout} s, read {request.read_timeout} s, attempt "
-                f"{request.timeout} s)",
+                f"{_seconds(request.connect_timeout)}, read {_seconds(request.read_timeout)}, "
+                f"attempt {_seconds(request.timeout)})",
                 method=method,
                 path=shown,
             ) from None
@@ -162,3 +162,8 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def _seconds(value: float | None) -> str:
+    """A timeout for a person: ``0.49 s`` (what is left of a total is not a round number)."""
+    return "none" if value is None else f"{value:.3g} s"

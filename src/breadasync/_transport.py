@@ -495,7 +495,7 @@ class Transport:
             return self._connection_error(
                 APITimeoutError(
                     f"{method} {shown}: no complete answer within the timeout "
-                    f"(attempt {request.timeout} s)",
+                    f"(attempt {request.timeout or 0:.3g} s)",
                     method=method,
                     path=shown,
                 )
