@@ -4,6 +4,7 @@ aiohttp's exceptions become breadasync's."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 from yarl import URL
@@ -106,7 +107,16 @@ class AiohttpTransport(AsyncBaseTransport):
             raise certificate_error(method, shown, request.url, exc.certificate_error) from None
         except aiohttp.ClientPayloadError as exc:
             raise APIConnectionError(
-                f"{method} {shown}: the connection dropped mid-body ({_first_line(exc)})",
+                f"{method} {shown}: the body could not be read whole: the connection "
+                f"dropped mid-body, or its encoding is broken ({_reason(exc)})",
+                method=method,
+                path=shown,
+            ) from None
+        except aiohttp.ClientResponseError as exc:
+            # Raised only by aiohttp's HTTP parser here (statuses are not raised for): its
+            # "400" is the parser's code, not the service's status.
+            raise APIConnectionError(
+                f"{method} {shown}: the answer is not valid HTTP ({_reason(exc)})",
                 method=method,
                 path=shown,
             ) from None
@@ -167,3 +177,10 @@ def _first_line(exc: BaseException) -> str:
 def _seconds(value: float | None) -> str:
     """A timeout for a person: ``0.49 s`` (what is left of a total is not a round number)."""
     return "none" if value is None else f"{value:.3g} s"
+
+
+def _reason(exc: BaseException) -> str:
+    """What aiohttp says went wrong, without its own ``400, message=`` wrapping."""
+    text = getattr(exc, "message", None) or str(exc)
+    text = " ".join(str(text).split())
+    return re.sub(r"^\d{3}, message=?:? ?", "", text).strip("'\"") or type(exc).__name__
