@@ -544,7 +544,10 @@ def test_ctrl_c_while_the_command_loads_is_the_usual_one_line(
 
     monkeypatch.setitem(sys.modules, "breadasync.cli._output", _Interrupting("stub"))
     monkeypatch.setenv("BREAD_API_KEY", "sk-loading-secret")
-    code = main(["status", "t1", "--repo", "r", *json_flag])
+    try:
+        code = main(["status", "t1", "--repo", "r", *json_flag])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while loading escaped main() (it would stop this whole run)")
     out, err = capsys.readouterr()
     assert code == EXIT_INTERRUPTED == 130
     assert err == "breadasync: interrupted\n"

@@ -296,6 +296,10 @@ async def test_redirects_are_not_followed(client: BreadClient, bread_emulator: E
             lambda c: c.targets.rollout.run("t", repo_name="r", poll_policy={"initial": 1}),
             "poll_policy must be a breadasync.PollPolicy, not dict",
         ),
+        (
+            lambda c: c.targets.rollout.run("t", repo_name="r", poll=False, poll_policy=1),
+            "poll_policy must be a breadasync.PollPolicy, not int",
+        ),
         (lambda c: c.rollout_many(["t"], repo_name="r", poll_policy=2.0), "not float"),
         (
             lambda c: c.rollout_many(["t"], repo_name="r", on_progress="x"),

@@ -157,6 +157,11 @@ def test_retry_after_that_is_not_delay_seconds_is_unreadable(value: str) -> None
     assert parse_retry_after({"retry-after-ms": value, "Retry-After": "2"}) == 2
 
 
+def test_retry_after_too_long_for_a_float_is_unreadable() -> None:
+    assert parse_retry_after({"retry-after-ms": "9" * 400, "Retry-After": "2"}) == 2
+    assert parse_retry_after({"Retry-After": "9" * 400}) is None
+
+
 def test_retry_after_in_every_http_date_form() -> None:
     """RFC 9110's three date forms, all GMT (the asctime one says so by convention only)."""
     for form in ("Thu, 01 Jan 1970 00:16:47 GMT", "Thursday, 01-Jan-70 00:16:47 GMT"):

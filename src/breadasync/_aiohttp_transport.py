@@ -9,6 +9,7 @@ import re
 import aiohttp
 from yarl import URL
 
+from ._clock import seconds_text
 from ._errors import APIConnectionError, APITimeoutError, BreadError, CertificateError
 from ._transports import AsyncBaseTransport, BodyTooLargeError, TransportRequest, TransportResponse
 
@@ -98,8 +99,8 @@ class AiohttpTransport(AsyncBaseTransport):
         except TimeoutError:
             raise APITimeoutError(
                 f"{method} {shown}: no complete answer within the timeout (connect "
-                f"{_seconds(request.connect_timeout)}, read {_seconds(request.read_timeout)}, "
-                f"attempt {_seconds(request.timeout)})",
+                f"{seconds_text(request.connect_timeout)}, read "
+                f"{seconds_text(request.read_timeout)}, attempt {seconds_text(request.timeout)})",
                 method=method,
                 path=shown,
             ) from None
@@ -172,11 +173,6 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def _seconds(value: float | None) -> str:
-    """A timeout for a person: ``0.49 s`` (what is left of a total is not a round number)."""
-    return "none" if value is None else f"{value:.3g} s"
 
 
 def _reason(exc: BaseException) -> str:

@@ -50,3 +50,10 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         """Sleep on the event loop."""
         await anyio.sleep(seconds)
+
+
+def seconds_text(value: float | None) -> str:
+    """A duration for a person: ``0.486 s``, ``3600 s``, ``none``."""
+    if value is None:
+        return "none"
+    return f"{value:.3f}".rstrip("0").rstrip(".") + " s"

@@ -53,6 +53,7 @@ class _Entry:
         "requests",
         "schedule",
         "started",
+        "starting",
         "status",
     )
 
@@ -66,6 +67,8 @@ class _Entry:
         self.started = math.nan
         self.deadline = math.inf
         self.done = False
+        self.starting = False
+        """Whether a start request is in flight (unanswered: the job may have started)."""
 
 
 class Fanout:
@@ -109,10 +112,7 @@ class Fanout:
         self._kind: JobKind = kind
         self._wait = wait
         self._wait_for_stim = wait_for_stim and kind == "rollout"
-        if poll_policy is not NOT_GIVEN and not isinstance(poll_policy, PollPolicy):
-            raise InvalidArgumentError(
-                f"poll_policy must be a breadasync.PollPolicy, not {type(poll_policy).__name__}"
-            )
+        check_poll_policy(poll_policy)
         if on_progress is not None and not callable(on_progress):
             raise InvalidArgumentError(
                 f"on_progress must be a callable or None, not {type(on_progress).__name__}"
@@ -203,6 +203,7 @@ class Fanout:
     async def _request(self, entry: _Entry, ref: TargetRef, api: Api) -> float | None:
         try:
             if entry.phase == "start":
+                entry.starting = True
                 try:
                     status = await api.start_job(
                         ref,
@@ -212,9 +213,11 @@ class Fanout:
                         idempotency_key=self._idempotency_key,
                     )
                 except BadRequestError as exc:
+                    entry.starting = False
                     if not self._wait_for_stim:
                         raise
                     return await self._check_stim(entry, exc)
+                entry.starting = False
             elif entry.phase == "stim":
                 entry.polls += 1
                 stim = await api.get_job(ref, "stim", user_id=self._user_id)
@@ -299,7 +302,7 @@ class Fanout:
         lines = "" if status.lines is None else f" ({status.lines} lines)"
         if entry.phase == "start" and entry.status is None and entry.requests == 0:
             message = f"{self._kind} of {ref} was not started: {why} ran out before its turn"
-        elif entry.phase == "start" and entry.status is None:
+        elif entry.starting:
             message = (
                 f"{self._kind} of {ref}: the start request was not answered when {why} ran "
                 "out; the job may or may not have started on the service"
@@ -417,6 +420,15 @@ class AsCompleted:
 
     def __len__(self) -> int:
         return self._count
+
+
+def check_poll_policy(poll_policy: object) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``poll_policy`` is a :class:`PollPolicy`
+    (or not given)."""
+    if poll_policy is not NOT_GIVEN and not isinstance(poll_policy, PollPolicy):
+        raise InvalidArgumentError(
+            f"poll_policy must be a breadasync.PollPolicy, not {type(poll_policy).__name__}"
+        )
 
 
 async def watch(

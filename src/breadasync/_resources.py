@@ -14,7 +14,7 @@ from typing import Any
 from ._api import Api, JobKind
 from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
 from ._errors import InvalidArgumentError
-from ._fanout import watch
+from ._fanout import check_poll_policy, watch
 from ._models import (
     JobStatus,
     OutputPage,
@@ -168,7 +168,9 @@ class _Jobs:
             PaymentRequiredError: No credit left.
         """
         ref = TargetRef.of(target_name, repo_name)
-        poll_timeout = check_seconds(poll_timeout, "poll_timeout")  # before anything is sent
+        # Checked before anything is sent, whether or not they are used.
+        poll_timeout = check_seconds(poll_timeout, "poll_timeout")
+        check_poll_policy(poll_policy)
         if not poll:
             return await self._api.start_job(
                 ref, self._kind, user_id=user_id, timeout=timeout, idempotency_key=idempotency_key

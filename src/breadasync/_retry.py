@@ -51,7 +51,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     (against ``now``, seconds since the epoch, default the system clock); ``None`` if absent
     or unreadable."""
     ms = (headers.get("retry-after-ms") or "").strip()
-    if _SECONDS.fullmatch(ms):
+    if _SECONDS.fullmatch(ms) and math.isfinite(float(ms)):
         return float(ms) / 1000
     raw = headers.get("Retry-After") or headers.get("retry-after")
     if raw is None:

@@ -35,7 +35,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ._clock import Clock, SystemClock
+from ._clock import Clock, SystemClock, seconds_text
 from ._config import Limits, RetryPolicy, Timeouts
 from ._errors import (
     APIConnectionError,
@@ -495,7 +495,7 @@ class Transport:
             return self._connection_error(
                 APITimeoutError(
                     f"{method} {shown}: no complete answer within the timeout "
-                    f"(attempt {request.timeout or 0:.3g} s)",
+                    f"(attempt {seconds_text(request.timeout)})",
                     method=method,
                     path=shown,
                 )

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from ._redact import HIDDEN
+
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+"""Headers a request's repr hides."""
+
 
 @dataclass(frozen=True, slots=True)
 class TransportRequest:
@@ -45,14 +50,13 @@ class TransportRequest:
 
     def __repr__(self) -> str:
         # A failed assertion on recorded requests prints them: never the credentials.
-        headers = {k: "***" if k.lower() in _SECRET_HEADERS else v for k, v in self.headers.items()}
+        headers = {
+            k: HIDDEN if k.lower() in _SECRET_HEADERS else v for k, v in self.headers.items()
+        }
         return (
             f"TransportRequest(method={self.method!r}, url={self.url!r}, headers={headers!r}, "
             f"content={self.content!r}, timeout={self.timeout!r})"
         )
-
-
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 
 
 @dataclass(frozen=True, slots=True)

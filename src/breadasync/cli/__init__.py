@@ -197,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, argv: list[str], secrets: set[str], scrub: Scrub) -> int:
     import asyncio
 
+    # The HTTP sender (aiohttp) loads lazily; load it before the event loop starts so its
+    # import never stalls the loop (asyncio's debug mode would report a slow callback).
+    import breadasync._aiohttp_transport  # noqa: F401
     from breadasync._errors import BreadError, ConfigError, InvalidArgumentError, first_error
 
     from ._commands import Failure
@@ -206,9 +209,6 @@ def _run(args: argparse.Namespace, argv: list[str], secrets: set[str], scrub: Sc
     undo_logging = setup_logging(getattr(args, "verbose", 0), ui.stderr, scrub)  # type: ignore[arg-type]
     kind, code, message = "", EXIT_OK, ""
     more: dict[str, Any] = {}
-    # The HTTP sender (aiohttp) loads lazily; load it before the event loop starts so its
-    # import never stalls the loop (asyncio's debug mode would report a slow callback).
-    import breadasync._aiohttp_transport  # noqa: F401
 
     try:
         try:

@@ -128,11 +128,12 @@ async def cmd_status(args: argparse.Namespace, ui: Ui) -> int:
 
     found: dict[str, dict[str, Any]] = {}
     async with make_client(args) as client:
+        if not args.all:
+            for name in args.targets:
+                # Every name given checked before anything is asked, as the other commands
+                # do: a mistake is a usage error (exit 2), not one failed target of many.
+                TargetRef.of(name, args.repo)
         targets = await all_targets(client, args.repo) if args.all else args.targets
-        for name in targets:
-            # Every name checked before anything is asked, as the other commands do: a
-            # mistake is a usage error (exit 2), not one failed target among good ones.
-            TargetRef.of(name, args.repo)
         limiter = anyio.CapacityLimiter(64)
 
         async def one(name: str) -> None:
