@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from breadasync import ProtocolError
-from breadasync.export._decode import DecodeLimits
+from breadasync._transport import decode_json
+from breadasync.export._decode import DecodeLimits, read_page_json
 from breadasync.export._reader import decode_page
 from tests.decode_pages import page_body, realistic_row
 
@@ -170,3 +171,42 @@ def test_random_hostile_bodies_never_kill_the_decoder(
     outcomes = done.stdout.split()
     assert len(outcomes) == len(bodies)
     assert set(outcomes) <= {"ok", "ProtocolError", "DataIntegrityError"}
+
+
+@pytest.mark.parametrize(
+    ("body", "retryable"),
+    [
+        (HEAD + b'[{"a":"cut sh', True),
+        (b"<html><body>Maintenance. NaN Infinity.</body></html>", True),
+        (b"", True),
+        (HEAD + b"[]}trailing", True),
+        (HEAD + b'[{"a":NaN}]}', False),
+        (HEAD + b'[{"a":-Infinity}]}', False),
+        (HEAD + b'[{"a":"\\ud800"}]}', False),
+        (b"\xef\xbb\xbf" + HEAD + b"[]}", False),
+        (HEAD + b'[{"a":1e999}]}', False),
+    ],
+    ids=["cut-short", "html", "empty", "trailing", "nan", "-infinity", "surrogate", "bom", "1e999"],
+)
+def test_only_a_text_that_is_not_json_at_all_may_be_retried(body: bytes, retryable: bool) -> None:
+    """A GET is tried again for a body cut short or replaced (an error page, even one that
+    says NaN); JSON the client refuses is refused at once, on both decode paths."""
+    with pytest.raises(ProtocolError) as page:
+        read_page_json(body, method="GET", path="/p", status=200, offset=0)
+    with pytest.raises(ProtocolError) as answer:
+        decode_json(body, method="GET", path="/p", status=200)
+    with pytest.raises(ProtocolError) as posted:
+        decode_json(body, method="POST", path="/p", status=200)
+    assert (page.value.retryable, answer.value.retryable) == (retryable, retryable)
+    assert not posted.value.retryable
+
+
+def test_a_number_beyond_a_double_does_not_let_a_lone_surrogate_through() -> None:
+    """orjson stops at ``1e400``-sized integers, so what follows is checked by Python."""
+    body = b'{"big": 1' + b"0" * 400 + b', "s": "\\ud800"}'
+    with pytest.raises(ProtocolError, match="not JSON"):
+        decode_json(body, method="GET", path="/p", status=200)
+    assert decode_json(body.replace(b"\\ud800", b"ok"), method="GET", path="/p", status=200) == {
+        "big": 10**400,
+        "s": "ok",
+    }

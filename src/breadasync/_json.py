@@ -4,6 +4,7 @@ an integer beyond 64 bits into a float."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 import orjson
@@ -24,8 +25,33 @@ def has_long_digits(data: bytes | str) -> bool:
     return _LONG_INT in digits or digits.startswith(_LONG_INT[1:])
 
 
-def _constant(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
+    """``parse_constant`` for Python's ``json``: ``NaN`` and ``Infinity`` are not JSON."""
     raise ValueError(f"{name} is not JSON")
+
+
+_NON_FINITE: Final = re.compile(rb"-?(?:NaN|Infinity)")
+_BROKEN: Final = (
+    "unexpected end of data",
+    "Input is a zero-length",
+    "unexpected content after document",
+    "invalid literal",
+)
+
+
+def is_broken_text(exc: orjson.JSONDecodeError, data: bytes | str) -> bool:
+    """Whether orjson's refusal says the text is not JSON at all (cut short, an error page
+    in its place, garbage), which another try may mend, rather than JSON the client
+    refuses whatever the try (NaN, a lone surrogate, a byte-order mark, a number beyond a
+    double)."""
+    if exc.msg.startswith(_BROKEN):
+        return True
+    if exc.msg.startswith(("unexpected character", "no digit after sign")):
+        raw = data if isinstance(data, bytes) else data.encode()
+        # A NaN or Infinity token where a value belongs is JSON refused, not a broken text.
+        start = exc.pos - 1 if exc.msg.startswith("no digit") else exc.pos
+        return _NON_FINITE.match(raw, max(0, start)) is None
+    return False
 
 
 def loads_exact(text: str | bytes) -> Any:
@@ -43,5 +69,9 @@ def loads_exact(text: str | bytes) -> Any:
     except orjson.JSONDecodeError as exc:
         if "infinity" not in str(exc):
             raise
+        # orjson stopped at a number beyond a double: what follows was not checked by it.
+        data = json.loads(text, parse_constant=refuse_constant)
+        json.dumps(data, ensure_ascii=False).encode()  # a lone surrogate: ValueError
+        return data
     # orjson reads an integer beyond 64 bits as a float: Python's parser keeps it exact.
-    return json.loads(text, parse_constant=_constant)
+    return json.loads(text)

@@ -50,7 +50,7 @@ from ._errors import (
     server_message,
     status_error_class,
 )
-from ._json import loads_exact
+from ._json import is_broken_text, loads_exact
 from ._limits import Governor, Ticket, Verdict
 from ._redact import Redactor
 from ._retry import BACKPRESSURE, backoff, is_retryable_status, parse_retry_after
@@ -600,13 +600,15 @@ def decode_json(body: bytes, *, method: str, path: str, status: int) -> Any:
         deep = "depth" in str(exc) or "recursion" in str(exc)
         problem = "JSON nested too deeply" if deep else f"not JSON ({exc})"
         excerpt = _text_excerpt(body) if not deep else body[:40].decode("utf-8", "replace")
+        # Only a GET is retried, and only for a text that is not JSON at all.
+        broken = isinstance(exc, orjson.JSONDecodeError) and is_broken_text(exc, body)
         raise ProtocolError(
             f"{method} {path} -> {status}: the answer is {problem}; it begins: {excerpt!r}",
             method=method,
             path=path,
             status=status,
             excerpt=excerpt,
-            retryable=not deep,
+            retryable=broken and method == "GET",
         ) from None
 
 

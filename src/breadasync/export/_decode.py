@@ -25,7 +25,7 @@ from typing import Any, Final, NoReturn
 import orjson
 
 from breadasync._errors import ProtocolError
-from breadasync._json import has_long_digits, loads_exact
+from breadasync._json import has_long_digits, is_broken_text, loads_exact, refuse_constant
 
 __all__ = ["DEFAULT_LIMITS", "DecodeLimits", "dumps_exact", "loads_exact", "read_page_json"]
 
@@ -82,10 +82,11 @@ _BIG: Final = float(2**63)
 """orjson reads integers in [-2**63, 2**64) as ints, anything beyond as a float of at least
 this magnitude."""
 _NAN: Final = re.compile(rb"(?<![\w\"])-?(?:NaN|Infinity)(?![\w\"])")
-_SPACED_COLON: Final = re.compile(rb":(?<=[ \t\r\n]:)")
-"""Whitespace before a colon, which may stand between a key and its colon and hide the key
+_SPACED_COLON: Final = re.compile(rb'"[ \t\r\n]+:')
+"""Whitespace between a quote and a colon: between a key and its colon it hides the key
 from the separator count (JSON allows it; compact and pretty-printed JSON never do it).
-The colon leads the pattern so the scan jumps from colon to colon."""
+Inside a string it takes an escaped quote before the spaces, which is rare (" :" alone in
+text does not match)."""
 
 
 def _key_separators(body: bytes, parsed: int) -> int:
@@ -159,16 +160,12 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _stdlib(body: bytes, where: _Where, *, vet: bool = False) -> Any:
     """The body read by Python's ``json``: exact integers, duplicate keys found. With
     ``vet``, for a body orjson did not read, also what orjson would have refused: lone
     surrogates and numbers beyond a double's range."""
     try:
-        data = json.loads(body, parse_constant=_constant, object_pairs_hook=_pairs)
+        data = json.loads(body, parse_constant=refuse_constant, object_pairs_hook=_pairs)
         if vet:
             json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
         return data
@@ -208,11 +205,13 @@ def read_page_json(
         if "infinity" in text and has_long_digits(body):
             # An integer beyond a double's range is still JSON, and kept exactly.
             data = _stdlib(body, where, vet=True)
+        elif is_broken_text(exc, body):
+            # Cut short, or a proxy's page in its place: another try may bring the page.
+            where.fail(f"not JSON ({text})", body, retryable=method == "GET")
         elif _NAN.search(body):
             where.fail("not JSON: it has a NaN or Infinity token, which JSON does not allow")
         else:
-            # Cut short, or a proxy's page in its place: another try may bring the page.
-            where.fail(f"not JSON ({text})", body, retryable=True)
+            where.fail(f"not JSON ({text})", body)
     budget = _Budget(limits, where)
     if type(data) is dict:
         budget.keys += len(data)
