@@ -30,7 +30,7 @@ def refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-_NON_FINITE: Final = re.compile(rb"-?(?:NaN|Infinity)")
+_NON_FINITE: Final = re.compile(r"-?(?:NaN|Infinity)")
 _BROKEN: Final = (
     "unexpected end of data",
     "Input is a zero-length",
@@ -47,10 +47,11 @@ def is_broken_text(exc: orjson.JSONDecodeError, data: bytes | str) -> bool:
     if exc.msg.startswith(_BROKEN):
         return True
     if exc.msg.startswith(("unexpected character", "no digit after sign")):
-        raw = data if isinstance(data, bytes) else data.encode()
+        # orjson's position counts characters, not bytes (an error path: decoding is fine).
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
         # A NaN or Infinity token where a value belongs is JSON refused, not a broken text.
         start = exc.pos - 1 if exc.msg.startswith("no digit") else exc.pos
-        return _NON_FINITE.match(raw, max(0, start)) is None
+        return _NON_FINITE.match(text, max(0, start)) is None
     return False
 
 
