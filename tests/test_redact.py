@@ -14,8 +14,9 @@ KEY = "sk-live-0123456789abcdefghijklmnopqrstuvwxyz"
     [
         (f"Bearer {KEY}.", f"Bearer {HIDDEN}."),
         (f"{KEY}{KEY}", HIDDEN),
-        ("cut: " + KEY[:20], "cut: " + HIDDEN + KEY[16:20]),
-        (KEY[-12:] + " was the tail", HIDDEN + KEY[-4:] + " was the tail"),
+        ("cut: " + KEY[: FRAGMENT + 5], "cut: " + HIDDEN + KEY[FRAGMENT : FRAGMENT + 5]),
+        (KEY[-FRAGMENT - 3 :] + " was the tail", HIDDEN + KEY[-3:] + " was the tail"),
+        ("the prefix sk-live- alone", "the prefix sk-live- alone"),
         ("only " + KEY[: FRAGMENT - 1], "only " + KEY[: FRAGMENT - 1]),
         ("nothing here", "nothing here"),
     ],

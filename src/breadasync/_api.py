@@ -89,14 +89,15 @@ class Api:
         user_id: str | NotGiven | None = NOT_GIVEN,
         timeout: float | Timeouts | NotGiven = NOT_GIVEN,
         idempotency_key: str | None = None,
+        hide_key: bool = False,
     ) -> _T:
         """Send one request and parse its JSON answer with ``parse`` (a GET whose body is
-        not JSON is retried, see :meth:`Transport.request_decoded`)."""
+        not JSON is retried, see :meth:`Transport.request_decoded`). ``hide_key``: the
+        answer is a job's status, whose texts go into results and exceptions; a copy of
+        the key in it is hidden (other answers are data, kept exactly)."""
 
         async def decode(response: Response) -> _T:
-            # A status or a target that echoes the key (in a job's error, say) would carry
-            # it into results and exceptions: hidden, as in every error.
-            body = self._transport.hide_key(response.body)
+            body = self._transport.hide_key(response.body) if hide_key else response.body
             data = decode_json(body, method=method, path=response.path, status=response.status)
             return parse(data, Origin(method, response.path, response.status))
 
@@ -143,7 +144,9 @@ class Api:
     ) -> JobStatus:
         """A job's current status (``not_started`` if it never started)."""
         path = target_path(ref.repo_name, ref.target_name, kind)
-        return await self.call("GET", path, parse_job, user_id=user_id, timeout=timeout)
+        return await self.call(
+            "GET", path, parse_job, user_id=user_id, timeout=timeout, hide_key=True
+        )
 
     async def start_job(
         self,
@@ -163,4 +166,5 @@ class Api:
             user_id=user_id,
             timeout=timeout,
             idempotency_key=idempotency_key,
+            hide_key=True,
         )

@@ -10,9 +10,10 @@ from typing import Final
 HIDDEN: Final = "***"
 """What a secret, or a fragment of one, is shown as."""
 
-FRAGMENT: Final = 8
+FRAGMENT: Final = 12
 """Characters of the secret, in a row, that are hidden wherever they appear: an excerpt cut
-inside a copy of the key shows fewer than this many of its characters."""
+inside a copy of the key shows fewer than this many of its characters. Long enough that a
+key's fixed prefix (``sk-live-``) alone is never hidden in other text."""
 
 
 class Redactor:

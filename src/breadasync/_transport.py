@@ -52,7 +52,7 @@ from ._errors import (
 )
 from ._json import is_broken_text, loads_exact
 from ._limits import Governor, Ticket, Verdict
-from ._redact import Redactor
+from ._redact import FRAGMENT, HIDDEN, Redactor
 from ._retry import BACKPRESSURE, backoff, is_retryable_status, parse_retry_after
 from ._transports import AsyncBaseTransport, BodyTooLargeError, TransportRequest
 from ._version import __version__
@@ -221,10 +221,13 @@ class Transport:
         return error
 
     def hide_key(self, body: bytes) -> bytes:
-        """``body`` with every whole copy of the API key replaced (not fragments: this is
-        data, where eight characters in common with the key may be chance)."""
+        """``body`` with every whole copy of the API key replaced (not fragments, and not
+        a key shorter than :data:`~breadasync._redact.FRAGMENT`: in an answer's bytes that
+        could be chance, and the replacement would change the answer)."""
         key = self._key.encode()
-        return body.replace(key, b"***") if key in body else body
+        if len(key) < FRAGMENT or key not in body:
+            return body
+        return body.replace(key, HIDDEN.encode())
 
     def _scrub_bytes(self, body: bytes) -> bytes:
         return self._redactor.bytes(body)

@@ -43,12 +43,11 @@ class Scrub:
     MIN_LENGTH = 4
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first (a secret inside another is hidden as part of it); of a key with
-        # and without surrounding whitespace, the bare one first (it is the one sent).
-        self.secrets = sorted(
-            {s for s in secrets if len(s) >= self.MIN_LENGTH},
-            key=lambda s: (-len(s.strip()), len(s)),
-        )
+        # Bare (the client strips the key it sends, and a service echoes that copy; the
+        # padding's fragments would also eat the text around it), longest first (a secret
+        # inside another is hidden as part of it).
+        bare = {s.strip() for s in secrets}
+        self.secrets = sorted((s for s in bare if len(s) >= self.MIN_LENGTH), key=len, reverse=True)
         self._redactors = [Redactor(secret) for secret in self.secrets]
 
     def __call__(self, text: str) -> str:
@@ -416,9 +415,7 @@ def secrets_in(argv: Sequence[str], environ: Mapping[str, str]) -> set[str]:
                 found.add(value)
             elif i + 1 < len(argv) and KEY_OPTION.startswith(name):
                 found.add(argv[i + 1])
-    # The client strips the key it is given: the copy it sends (and a service echoes) has
-    # no surrounding whitespace, so hide that one too.
-    return {s for s in found if s} | {s.strip() for s in found if s.strip()}
+    return {s for s in found if s}
 
 
 def wants_json(argv: Sequence[str]) -> bool:
