@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -522,3 +523,37 @@ async def test_a_key_echoed_in_headers_or_a_job_error_is_hidden() -> None:
             await client.targets.rollout.wait("f", repo_name="r")
         assert_no_key(failed.value, KEY)
         assert KEY not in repr(failed.value.job.raw)
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (b"HTTP/1.1 abc\r\n\r\n", "the answer is not valid HTTP (Bad status line"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nnotgz",
+            "the body could not be read whole",
+        ),
+    ],
+    ids=["bad-status-line", "bad-gzip"],
+)
+async def test_malformed_http_is_named_as_such(answer: bytes, says: str) -> None:
+    """aiohttp reports its parser's failures as a "400", which is not the service's."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with BreadClient(KEY, f"http://127.0.0.1:{port}", max_retries=0) as client:
+            with pytest.raises(APIConnectionError) as caught:
+                await client.targets.rollout.get("t", repo_name="r")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert says in str(caught.value)
+    assert "400" not in str(caught.value)

@@ -114,8 +114,12 @@ class AiohttpTransport(AsyncBaseTransport):
                 path=shown,
             ) from None
         except aiohttp.ClientResponseError as exc:
-            # Raised only by aiohttp's HTTP parser here (statuses are not raised for): its
-            # "400" is the parser's code, not the service's status.
+            if not isinstance(exc.__cause__, aiohttp.http_exceptions.HttpProcessingError):
+                # A proxy's refusal and the like: aiohttp's own words.
+                raise APIConnectionError(
+                    f"{method} {shown}: {_reason(exc)}", method=method, path=shown
+                ) from None
+            # The parser's: its "400" is aiohttp's code, not the service's status.
             raise APIConnectionError(
                 f"{method} {shown}: the answer is not valid HTTP ({_reason(exc)})",
                 method=method,

@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = getattr(args, "out", None)
     if out is not None:
         # Before the event loop (it asks the OS); a store URL stays as it is.
-        args.out_abs = out if "://" in out else os.path.abspath(out)
+        # ~ as the library reads it (a shell leaves it alone after --out=).
+        args.out_abs = out if "://" in out else os.path.abspath(os.path.expanduser(out))
     if args.command in ("export", "demo"):
         # Made before the command runs, so Ctrl-C at any moment finds it.
         args.export_watch = ExportWatch(args.out, getattr(args, "repo", DEMO_REPO))

@@ -225,8 +225,8 @@ def _from_filesystem(fs: Any, path: str, scheme: str | None) -> Destination:
     from ._objstore import FsDestination
 
     if isinstance(fs, pafs.LocalFileSystem):
-        # The local folder keeps its stronger tools (fsync, rename, flock).
-        return LocalDestination(path)
+        # The local folder keeps its stronger tools (fsync, rename, flock), and its checks.
+        return _local(path)
     if not path.strip("/"):
         raise InvalidArgumentError("dest needs a bucket (and a prefix), not the store's root")
     return FsDestination(fs, path, scheme=scheme)

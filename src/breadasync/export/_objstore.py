@@ -48,7 +48,14 @@ import pyarrow.parquet as pq
 
 from breadasync._errors import DestinationError, ExportLockedError
 
-from ._store import JOURNAL, PartRecord, footer_identity, parse_document, parse_journal
+from ._store import (
+    JOURNAL,
+    MANIFEST,
+    PartRecord,
+    footer_identity,
+    parse_document,
+    parse_journal,
+)
 
 LEASE = "_lease.json"
 OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
@@ -419,7 +426,8 @@ class FsDestination:
         for info in self._names():
             name = info.base_name
             stale_part = name.startswith(".part-") and ".parquet.tmp-" in name
-            if stale_part or name.startswith((f".{LEASE}.tmp-", f".{JOURNAL}.tmp-")):
+            temps = (f".{LEASE}.tmp-", f".{JOURNAL}.tmp-", f".{MANIFEST}.tmp-")
+            if stale_part or name.startswith(temps):
                 with contextlib.suppress(OSError, ValueError):
                     self.fs.delete_file(info.path)
 
