@@ -155,8 +155,8 @@ class _Jobs:
             poll_timeout: Seconds to wait at most (default: no bound); then
                 :class:`PollTimeoutError`, the job still running on the service.
             poll_policy: Poll spacing for this call (default: the client's).
-            raise_on_failure: Raise :class:`JobFailedError` for a ``failed`` job instead of
-                returning its status.
+            raise_on_failure: Raise :class:`JobFailedError` for a job that failed (or stopped
+                otherwise: ``cancelled``...) instead of returning its status.
             user_id: Act for this user on every request of the call, polls included.
             timeout: Per-request timeout (not the wait: see ``poll_timeout``).
             idempotency_key: The POST's ``Idempotency-Key`` (default: a fresh one, reused by
