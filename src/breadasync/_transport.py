@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import urlencode
 
 import anyio
@@ -112,6 +112,17 @@ class ClientStats:
     rate_limit: float | None = None
     rate_cuts: int = 0
     budget_waits: int = 0
+
+
+class RequestOptions(TypedDict, total=False):
+    """The options of :meth:`Transport.request_decoded`, for the calls that pass them on."""
+
+    params: Mapping[str, Any] | None
+    json_body: Any
+    user_id: str | None
+    timeouts: Timeouts | None
+    idempotency_key: str | None
+    slots: anyio.CapacityLimiter | None
 
 
 class Transport:
@@ -252,31 +263,10 @@ class Transport:
 
     # --- one request, with retries ------------------------------------------------------
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, Any] | None = None,
-        json_body: Any = None,
-        user_id: str | None = None,
-        timeouts: Timeouts | None = None,
-        idempotency_key: str | None = None,
-        slots: anyio.CapacityLimiter | None = None,
-    ) -> Response:
+    async def request(self, method: str, path: str, **options: Unpack[RequestOptions]) -> Response:
         """Send a request, retrying per the policy, and return the 2xx answer (see
         :meth:`request_decoded`)."""
-        return await self.request_decoded(
-            method,
-            path,
-            _as_is,
-            params=params,
-            json_body=json_body,
-            user_id=user_id,
-            timeouts=timeouts,
-            idempotency_key=idempotency_key,
-            slots=slots,
-        )
+        return await self.request_decoded(method, path, _as_is, **options)
 
     async def request_decoded(
         self,
