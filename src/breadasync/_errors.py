@@ -250,9 +250,8 @@ class JobFailedError(JobError):
     @classmethod
     def of(cls, kind: str, repo_name: str, target_name: str, job: JobStatus) -> JobFailedError:
         """The error for ``job``, which ended ``failed`` (or ``cancelled``...)."""
-        ended = "failed" if job.status == "failed" else f"ended {job.status}"
         return cls(
-            f"{kind} of {repo_name}/{target_name} {ended} after {job.lines} lines: "
+            f"{kind} of {repo_name}/{target_name} {job.status.ended} after {job.lines} lines: "
             f"{job.error or 'the service gave no reason'}",
             repo_name=repo_name,
             target_name=target_name,

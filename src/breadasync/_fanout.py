@@ -278,8 +278,7 @@ class Fanout:
             entry.schedule = PollSchedule(self._policy)
             return 0.0
         if stim.is_failed or stim.status is JobState.NOT_STARTED:
-            stopped = "failed" if stim.status == "failed" else f"ended {stim.status}"
-            what = stopped if stim.is_failed else "is not started"
+            what = stim.status.ended if stim.is_failed else "is not started"
             error = JobFailedError if stim.is_failed else JobError
             self._finish(
                 entry,

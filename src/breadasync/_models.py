@@ -80,6 +80,11 @@ class JobState(enum.StrEnum):
         """Whether the job stopped without completing (``failed``, ``cancelled``...)."""
         return self is JobState.FAILED or self._value_ in _STOPPED
 
+    @property
+    def ended(self) -> str:
+        """How a stopped job ended, for a sentence: ``failed``, ``ended cancelled``..."""
+        return "failed" if self is JobState.FAILED else f"ended {self._value_}"
+
 
 _STOPPED: Final = frozenset({"cancelled", "canceled", "aborted", "error", "errored", "expired"})
 
@@ -112,7 +117,7 @@ class JobStatus:
 
     @property
     def is_terminal(self) -> bool:
-        """Whether the job has stopped (``complete`` or ``failed``)."""
+        """Whether the job has stopped (complete, failed, or another stop)."""
         return self.status.is_terminal
 
     @property

@@ -52,20 +52,18 @@ def in_mode(columns: Any) -> str:
     return f", with columns={columns!r}" if columns != "json" else ""
 
 
-def _this(wanted: dict[str, Any], what: str) -> str:
-    """The export wanted in words, its job named (a re-run has the same lines and parts)."""
-    words = describe(wanted)
-    return what if words == "something else" else words
-
-
 def describe(found: dict[str, Any]) -> str:
     """An identity, in words."""
+    return _words(found) or "something else"
+
+
+def _words(found: dict[str, Any]) -> str | None:
+    if not (isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)):
+        return None
     return (
-        f"{found.get('repo')}/{found.get('target')} with {found.get('lines', '?'):,} lines "
-        f"in parts of {found.get('rows_per_part', '?'):,} rows "
+        f"{found.get('repo')}/{found.get('target')} with {found['lines']:,} lines "
+        f"in parts of {found['rows_per_part']:,} rows "
         f"({describe_job(found.get('job'))}){in_mode(found.get('columns', 'json'))}"
-        if isinstance(found.get("lines"), int) and isinstance(found.get("rows_per_part"), int)
-        else "something else"
     )
 
 
@@ -228,7 +226,8 @@ def reconcile(
         if not (same_target and not resume):
             raise ExportMismatchError(
                 f"{shown!r} already holds an export of {describe(found)}, not of "
-                f"{_this(wanted, what)}; "
+                # The job named too: a re-run has the same lines and parts.
+                f"{_words(wanted) or what}; "
                 "it was left untouched. Choose another folder"
                 + (", or pass resume=False to replace it" if same_target else ""),
                 dest=shown,
