@@ -187,10 +187,20 @@ def test_random_hostile_bodies_never_kill_the_decoder(
         (HEAD + b'[{"a":"\\ud800"}]}', False),
         (b"\xef\xbb\xbf" + HEAD + b"[]}", False),
         (HEAD + b'[{"a":1e999}]}', False),
+        # Cut inside a character of several bytes, or bytes that are not UTF-8 at all.
+        (HEAD + '[{"a":"स्थिर'.encode()[:-1], True),
+        (HEAD + b'[{"a":"\xff"}]}', True),
+        (HEAD + b'[{"a":"\xed\xa0\x80"}]}', True),
+        # Past a number beyond a double, Python's parser reads on: its syntax errors too.
+        (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":"cut sh', True),
+        (HEAD + b'[{"n":1' + b"0" * 400 + b"}]}trailing", True),
+        (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":NaN}]}', False),
+        (HEAD + b'[{"n":1' + b"0" * 5000 + b"}]}", False),
     ],
     ids=[
         *("cut-short", "html", "empty", "trailing", "nan", "nan-after-emoji", "-infinity"),
-        *("surrogate", "bom", "1e999"),
+        *("surrogate", "bom", "1e999", "cut-in-a-character", "not-utf-8", "utf-8-surrogate"),
+        *("big-int-cut-short", "big-int-trailing", "big-int-nan", "big-int-5000-digits"),
     ],
 )
 def test_only_a_text_that_is_not_json_at_all_may_be_retried(body: bytes, retryable: bool) -> None:
@@ -204,6 +214,28 @@ def test_only_a_text_that_is_not_json_at_all_may_be_retried(body: bytes, retryab
         decode_json(body, method="POST", path="/p", status=200)
     assert (page.value.retryable, answer.value.retryable) == (retryable, retryable)
     assert not posted.value.retryable
+
+
+CUT_PAGE = page_body(
+    [{**realistic_row(i), "note": "स्थिर है। 😀 é", "n": "BIG" if i == 3 else i} for i in range(8)],
+    0,
+).replace(b'"BIG"', b"1" + b"0" * 400)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=len(CUT_PAGE) - 1))
+def test_a_page_cut_anywhere_may_be_retried(cut: int) -> None:
+    """A body cut short at any byte, inside a character of several bytes or after a number
+    beyond a double included, is a text another try may mend, on both decode paths."""
+    body = CUT_PAGE[:cut]
+    with pytest.raises(ProtocolError) as page:
+        read_page_json(body, method="GET", path="/p", status=200, offset=0)
+    with pytest.raises(ProtocolError) as answer:
+        decode_json(body, method="GET", path="/p", status=200)
+    assert (page.value.retryable, answer.value.retryable) == (True, True), (
+        str(page.value),
+        str(answer.value),
+    )
 
 
 def test_a_number_beyond_a_double_does_not_let_a_lone_surrogate_through() -> None:

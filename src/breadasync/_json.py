@@ -36,14 +36,24 @@ _BROKEN: Final = (
     "Input is a zero-length",
     "unexpected content after document",
     "invalid literal",
+    # Bytes that are not UTF-8: JSON text is UTF-8, and a body cut inside a character of
+    # several bytes ends this way. A lone surrogate escape (``"\\ud800"``) is another message.
+    "str is not valid UTF-8",
 )
 
 
-def is_broken_text(exc: orjson.JSONDecodeError, data: bytes | str) -> bool:
-    """Whether orjson's refusal says the text is not JSON at all (cut short, an error page
-    in its place, garbage), which another try may mend, rather than JSON the client
-    refuses whatever the try (NaN, a lone surrogate, a byte-order mark, a number beyond a
-    double)."""
+def is_broken_text(exc: ValueError, data: bytes | str) -> bool:
+    """Whether a parser's refusal says the text is not JSON at all (cut short, even inside
+    a character of several bytes; an error page in its place; garbage), which another try
+    may mend, rather than JSON the client refuses whatever the try (NaN, a lone surrogate
+    escape, a byte-order mark, a number beyond a double).
+
+    ``exc`` is orjson's error, or Python's parser's for a text orjson stopped reading at a
+    number beyond a double's range."""
+    if not isinstance(exc, orjson.JSONDecodeError):
+        # Python's parser: a syntax error, or bytes that are not UTF-8. NaN and integers
+        # past its digit limit are plain ValueErrors.
+        return isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError))
     if exc.msg.startswith(_BROKEN):
         return True
     if exc.msg.startswith(("unexpected character", "no digit after sign")):

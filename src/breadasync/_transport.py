@@ -594,7 +594,7 @@ def decode_json(body: bytes, *, method: str, path: str, status: int) -> Any:
         problem = "JSON nested too deeply" if deep else f"not JSON ({exc})"
         excerpt = _text_excerpt(body) if not deep else body[:40].decode("utf-8", "replace")
         # Only a GET is retried, and only for a text that is not JSON at all.
-        broken = isinstance(exc, orjson.JSONDecodeError) and is_broken_text(exc, body)
+        broken = isinstance(exc, ValueError) and is_broken_text(exc, body)
         raise ProtocolError(
             f"{method} {path} -> {status}: the answer is {problem}; it begins: {excerpt!r}",
             method=method,

@@ -172,6 +172,9 @@ def _stdlib(body: bytes, where: _Where, *, vet: bool = False) -> Any:
     except _Duplicate as exc:
         where.fail(f"refused: a key appears twice in one object ({str(exc)[:60]!r})", body)
     except (ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        if isinstance(exc, ValueError) and is_broken_text(exc, body):
+            # Cut short after a number beyond a double: another try may bring the page.
+            where.fail(f"not JSON ({exc})", body, retryable=where.method == "GET")
         # Integers of more than 4300 digits (Python's limit), and the like.
         where.fail(f"refused: {str(exc).splitlines()[0][:120]}", body)
 
