@@ -157,28 +157,44 @@ async def test_a_rerun_during_the_export_is_caught_and_named(
     assert manifest(tmp_path)["job"]["job_id"] == new
 
 
+async def stream_rerun_after(client: BreadClient, emulator: Emulator, rows: int) -> None:
+    """Stream r/t's batches to their end, re-running the job once ``rows`` rows are seen."""
+    seen = 0
+    async with client.iter_rollout_batches(
+        "t", repo_name="r", page_size=100, concurrency=4
+    ) as batches:
+        async for batch in batches:
+            seen += batch.num_rows
+            if seen == rows:
+                rerun(emulator)
+
+
 @frozen
-async def test_a_finished_stream_of_a_rerun_job_is_an_error(
+async def test_a_page_of_a_rerun_job_ends_the_stream_there(
     make_client: Callable[..., BreadClient], bread_emulator: Emulator
 ) -> None:
+    """Pages name their job: the first page of the new job ends the stream, although the
+    re-run has the same lines (and rows of the same shape)."""
     client = make_client()
     bread_emulator.add_target("r", "t", rows=ROWS, rollout="complete")
     old = bread_emulator.job("r", "t").job_id
-    seen = 0
+    with pytest.raises(DataIntegrityError) as caught:
+        await stream_rerun_after(client, bread_emulator, 2 * PART)
+    new = bread_emulator.job("r", "t").job_id
+    message = str(caught.value)
+    assert f"this page is of job {new}, but the read began with job {old}" in message
+    assert "rows of two jobs must not be mixed" in message
 
-    async def stream() -> None:
-        nonlocal seen
-        async with client.iter_rollout_batches(
-            "t", repo_name="r", page_size=100, concurrency=4
-        ) as batches:
-            async for batch in batches:
-                seen += batch.num_rows
-                if seen == 2 * PART:
-                    rerun(bread_emulator)
 
-    with pytest.raises(DataIntegrityError, match=rf"began with job {old} .* now has job"):
-        await stream()
-    assert seen == ROWS  # same lines, same rows: only the job's identity tells
+async def test_a_finished_stream_of_a_rerun_job_is_an_error(
+    no_job_ids: NoJobIds, client_of: Callable[[Emulator], BreadClient]
+) -> None:
+    """Pages that name no job: the status read at the stream's end tells (its first rows,
+    fetched again, are another job's)."""
+    client = client_of(no_job_ids)
+    no_job_ids.add_target("r", "t", rows=ROWS, rollout="complete")
+    with pytest.raises(DataIntegrityError, match="rows of two jobs must not be mixed"):
+        await stream_rerun_after(client, no_job_ids, 2 * PART)
 
 
 # --- a re-run between an interrupted export and its resume ---------------------------------

@@ -3,16 +3,20 @@ every child stopped when the export ends, and small exports left to threads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
 from breadasync import BreadClient, InvalidArgumentError
 from breadasync.emulator import Emulator, EmulatorThread
 from breadasync.export import batch_to_rows
+from breadasync.export._decode_process import DecodeProcesses
 from breadasync.export._exporter import PROCESS_MIN_PAGES, ExportOptions
+from breadasync.export._reader import decode_page
 
 
 def children() -> set[int]:
@@ -57,3 +61,19 @@ def test_decode_processes_is_checked() -> None:
     assert ExportOptions(decode_processes=3).decode_processes == 3
     with pytest.raises(InvalidArgumentError):
         ExportOptions(decode_processes=-1)
+
+
+@pytest.mark.parametrize("job_id", [7, "run-7", 2**70, None])
+def test_a_child_reports_the_job_a_page_names(job_id: int | str | None) -> None:
+    """The page's job id crosses from the child as it was sent (the reader checks it)."""
+    envelope = {"status": "complete", "lines": 2, "offset": 0, "limit": 2, "has_more": False}
+    if job_id is not None:
+        envelope["job_id"] = job_id
+    body = json.dumps({**envelope, "output": [{"a": 1}, {"a": None}]}).encode()
+    args = (body, "GET", "/p", 200, 0, 2)
+    with DecodeProcesses(1) as decoder:
+        child = decode_page(*args, decoder=decoder)
+    here = decode_page(*args)
+    assert (child.job_id, child.lines, child.status) == (job_id, 2, "complete")
+    assert (here.job_id, here.lines, here.status) == (child.job_id, child.lines, child.status)
+    assert batch_to_rows(pa.Table.from_batches([child.batch])) == [{"a": 1}, {"a": None}]

@@ -312,6 +312,22 @@ def test_lines_changing_under_the_read_fail_it(ray_cluster: None, bread_emulator
 
 
 @pytest.mark.bread_emulator(speed=0)
+def test_a_job_rerun_after_planning_fails_the_read(
+    ray_cluster: None, bread_emulator: Emulator
+) -> None:
+    """The tasks read the job that was planned: a re-run with the same lines (which the
+    line checks cannot see) fails the read instead of mixing in the new job's rows."""
+    targets = _add(bread_emulator, {"a": 2000})
+    dataset = read_rollouts(targets, api_key=bread_emulator.api_key, base_url=bread_emulator.url)
+    old = bread_emulator.job("r", "a").job_id
+    _add(bread_emulator, {"a": 2000})
+    new = bread_emulator.job("r", "a").job_id
+    with pytest.raises(DataIntegrityError, match="rows of two jobs must not be mixed") as raised:
+        dataset.materialize()
+    assert f"this page is of job {new}, but the read began with job {old}" in str(raised.value)
+
+
+@pytest.mark.bread_emulator(speed=0)
 def test_the_key_is_in_no_ray_log(ray_cluster: None, bread_emulator: Emulator) -> None:
     targets = _add(bread_emulator, {"a": 1500})
     dataset = read_rollouts(targets, api_key=bread_emulator.api_key, base_url=bread_emulator.url)

@@ -22,12 +22,12 @@ def main() -> None:
 
     def decode(
         body: bytes, method: str, path: str, status: int, offset: int, limit: int, columns: Any
-    ) -> tuple[pa.RecordBatch, int | None, Any]:
+    ) -> tuple[pa.RecordBatch, int | None, Any, int | str | None]:
         check_columns(columns)
         page = decode_page(
             body, method, path, status, offset, limit, limits=limits, columns=columns
         )
-        return page.batch, page.lines, str(page.status)
+        return page.batch, page.lines, str(page.status), page.job_id
 
     serve(sys.stdin.buffer, sys.stdout.buffer, decode)
 

@@ -113,7 +113,7 @@ class _Child:
         offset: int,
         limit: int,
         columns: str,
-    ) -> tuple[pa.RecordBatch, int | None, str]:
+    ) -> tuple[pa.RecordBatch, int | None, str, int | str | None]:
         stdin, stdout = self.process.stdin, self.process.stdout
         assert stdin is not None
         assert stdout is not None
@@ -144,9 +144,9 @@ class _Child:
                 self._queue.remove(ticket)
                 self._turns.notify_all()
         if kind == b"ok":
-            lines, state = json.loads(head)
+            lines, state, job_id = json.loads(head)
             batch = pa.ipc.open_stream(payload).read_next_batch()
-            return batch, lines, state
+            return batch, lines, state, job_id
         name, message, excerpt, retryable = json.loads(head)
         if name == "DataIntegrityError":
             raise DataIntegrityError(message)
@@ -204,7 +204,7 @@ class DecodeProcesses:
         limit: int,
         *,
         columns: str = "json",
-    ) -> tuple[pa.RecordBatch, int | None, str]:
+    ) -> tuple[pa.RecordBatch, int | None, str, int | str | None]:
         """``(batch, lines, status)`` of one page, decoded in a child process, in the
         column mode ``columns``.
 
@@ -273,7 +273,7 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], decode: Callable[..., Any]) -> No
             return
         method, path, status, offset, limit, columns = json.loads(meta)
         try:
-            batch, lines, state = decode(body, method, path, status, offset, limit, columns)
+            batch, lines, state, job_id = decode(body, method, path, status, offset, limit, columns)
         except (ProtocolError, DataIntegrityError) as exc:
             excerpt = getattr(exc, "excerpt", "")
             retryable = getattr(exc, "retryable", False)
@@ -287,4 +287,5 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], decode: Callable[..., Any]) -> No
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, batch.schema) as writer:
             writer.write_batch(batch)
-        send_frame(stdout, b"ok", json.dumps([lines, state]).encode(), sink.getvalue().to_pybytes())
+        head = json.dumps([lines, state, job_id]).encode()
+        send_frame(stdout, b"ok", head, sink.getvalue().to_pybytes())

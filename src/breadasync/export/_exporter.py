@@ -300,6 +300,7 @@ class Exporter:
             bounds=self._bounds,
             window=self._options.pages_ahead,
             user_id=self._user_id,
+            job_id=plan.job.job_id if plan.job is not None else None,
             columns=self._options.columns,
             decoder=self._decoder,
         )

@@ -44,6 +44,7 @@ class _Decoded:
     batch: pa.RecordBatch
     lines: int | None
     status: JobState
+    job_id: int | str | None
 
 
 def decode_page(
@@ -70,10 +71,10 @@ def decode_page(
         DataIntegrityError: the page is not the one asked for, or is longer.
     """
     if decoder is not None:
-        batch, lines, state = decoder.decode(
+        batch, lines, state, job_id = decoder.decode(
             body, method, path, status, offset, limit, columns=columns
         )
-        return _Decoded(batch, lines, JobState(state))
+        return _Decoded(batch, lines, JobState(state), job_id)
     data = read_page_json(
         body, method=method, path=path, status=status, offset=offset, limits=limits
     )
@@ -87,7 +88,8 @@ def decode_page(
             f"{method} {path}: asked for {limit} rows, got {len(page.output)}; the service "
             "sent more rows than a page may hold"
         )
-    return _Decoded(rows_to_batch(page.output, offset, columns=columns), page.lines, page.status)
+    batch = rows_to_batch(page.output, offset, columns=columns)
+    return _Decoded(batch, page.lines, page.status, page.job_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,9 @@ class RangeReader:
         expected_lines: The ``lines`` the export planned for. On a complete job every page
             must report exactly this; on a partial export it may only grow.
         complete: Whether the job was complete when the export began.
+        job_id: The ``job_id`` the job's status gave when the export began, or ``None``
+            (then the first page that names one sets it). A page naming another job is a
+            :class:`~breadasync.DataIntegrityError`: a re-run's rows are never mixed in.
         bounds: Requests, undecoded pages and decoding threads, shared by the targets
             of one export (:class:`ReadBounds`).
         window: Pages fetched ahead of the consumer, at most: memory stays flat. Pages
@@ -147,12 +152,14 @@ class RangeReader:
         bounds: ReadBounds,
         window: int,
         user_id: str | None,
+        job_id: int | str | None = None,
         columns: ColumnMode = "json",
         decoder: DecodeProcesses | None = None,
     ) -> None:
         self._client = client
         self._expected = expected_lines
         self._complete = complete
+        self._job_id = job_id
         self._bounds = bounds
         self._window = window
         self._user_id = user_id
@@ -245,6 +252,17 @@ class RangeReader:
         return decoded, response.path
 
     def _check(self, decoded: _Decoded, path: str, offset: int) -> None:
+        found = decoded.job_id
+        if found is not None:
+            if self._job_id is None:
+                self._job_id = found
+            elif str(found) != str(self._job_id):  # one endpoint may quote it, one not
+                raise DataIntegrityError(
+                    f"GET {path}: this page is of job {found}, but the read began with job "
+                    f"{self._job_id}: the job was re-run, or the page came from another "
+                    "job; rows of two jobs must not be mixed, so read it again for the new "
+                    "job's rows"
+                )
         lines = decoded.lines
         if lines is None:
             raise DataIntegrityError(

@@ -46,12 +46,13 @@ DECODE_THREADS_PER_TASK = DECODE_THREADS
 
 async def plan_target(
     client: BreadClient, target: TargetRef, *, allow_partial: bool
-) -> tuple[int, bool]:
-    """``(lines, complete)`` of a target's rollout, as the exporter plans it: an unfinished
-    job raises :class:`~breadasync.UnfinishedJobError` unless ``allow_partial``."""
+) -> tuple[int, bool, int | str | None]:
+    """``(lines, complete, job_id)`` of a target's rollout, as the exporter plans it: an
+    unfinished job raises :class:`~breadasync.UnfinishedJobError` unless
+    ``allow_partial``."""
     exporter = Exporter(client.api, ExportOptions(allow_partial=allow_partial), NOT_GIVEN)
-    plan, _ = await exporter.plan(target, "")
-    return plan.lines, plan.status == JobState.COMPLETE
+    plan, job = await exporter.plan(target, "")
+    return plan.lines, plan.status == JobState.COMPLETE, job.job_id
 
 
 def rows_to_arrow(
@@ -74,10 +75,12 @@ async def read_range(
     window: int,
     send: MemoryObjectSendStream[list[pa.RecordBatch]],
     columns: ColumnMode = "json",
+    job_id: int | str | None = None,
 ) -> None:
     """Send rows ``start..stop-1`` of ``target`` to ``send`` as lists of batches in offset
     order (one list per page), then close it; with the exporter's checks: short pages are
-    completed, and ``lines`` changing on a complete job is a
+    completed, and ``lines`` changing on a complete job, or a page of a job other than
+    ``job_id`` (the one planned; ``None``: the first page's), is a
     :class:`~breadasync.DataIntegrityError`.
 
     At most ``window`` pages are fetched ahead of the consumer; ``bounds`` (shared by the
@@ -92,6 +95,7 @@ async def read_range(
         bounds=bounds,
         window=window,
         user_id=client.user_id,
+        job_id=job_id,
         columns=columns,
     )
     pages = [Page(at, min(page_size, stop - at)) for at in range(start, stop, page_size)]

@@ -251,6 +251,7 @@ class _ReadFn:
                                     window=pages,
                                     send=seg_send,
                                     columns=conn.columns,
+                                    job_id=seg.job_id,
                                 )
                             )
                             await queued_send.send((seg, pages, seg_receive))
@@ -283,7 +284,9 @@ def _skip(segments: tuple[Segment, ...], rows: int) -> tuple[Segment, ...]:
         if rows >= seg.rows:
             rows -= seg.rows
             continue
-        left.append(Segment(seg.target, seg.start + rows, seg.stop, seg.lines, seg.complete))
+        left.append(
+            Segment(seg.target, seg.start + rows, seg.stop, seg.lines, seg.complete, seg.job_id)
+        )
         rows = 0
     return tuple(left)
 
@@ -423,8 +426,10 @@ class BreadDatasource(Datasource):
         async with self._connection.client() as client:
 
             async def one(i: int) -> None:
-                lines, complete = await plan_target(client, refs[i], allow_partial=allow_partial)
-                planned[i] = TargetRows(refs[i], lines, complete)
+                lines, complete, job_id = await plan_target(
+                    client, refs[i], allow_partial=allow_partial
+                )
+                planned[i] = TargetRows(refs[i], lines, complete, job_id)
 
             try:
                 async with anyio.create_task_group() as tg:

@@ -10,22 +10,25 @@ from breadasync._models import TargetRef
 
 @dataclass(frozen=True, slots=True)
 class TargetRows:
-    """A planned target: its rollout's ``lines`` when planned, and whether it was complete."""
+    """A planned target: its rollout's ``lines`` when planned, whether it was complete, and
+    its ``job_id`` (``None`` when the service gives none)."""
 
     target: TargetRef
     lines: int
     complete: bool
+    job_id: int | str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """Rows ``start..stop-1`` of one target, read by one task."""
+    """Rows ``start..stop-1`` of one target, read by one task (of the job planned)."""
 
     target: TargetRef
     start: int
     stop: int
     lines: int
     complete: bool
+    job_id: int | str | None = None
 
     @property
     def rows(self) -> int:
@@ -65,7 +68,7 @@ def split(
             if stop <= pos:
                 k += 1  # task k is full up to a page boundary before this one
                 continue
-            tasks[k].append(Segment(t.target, pos, stop, t.lines, t.complete))
+            tasks[k].append(Segment(t.target, pos, stop, t.lines, t.complete, t.job_id))
             pos = stop
             if stop >= end and k < n - 1:
                 k += 1
