@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from breadasync import BreadClient, DataIntegrityError, ExportMismatchError, NotFoundError
-from breadasync.emulator import Emulator, EmulatorThread, JobView
+from breadasync.emulator import Emulator, EmulatorThread, JobView, TargetPlan
 from breadasync.export import ExportProgress, batch_to_rows, load_manifest
 
 ROWS = 5000
@@ -282,6 +282,42 @@ async def test_without_job_ids_config_and_first_rows_identify_the_job(
             on_progress=after_rows(2 * PART, lambda: rerun(no_job_ids, model="other/model")),
             **OPTIONS,
         )
+
+
+class IdsWhileRunning(Emulator):
+    """A service that names a job only while it is queued or running (as the SDK's
+    ``job_id`` says: "if job is queued/running")."""
+
+    def _job_body(self, state: Any, kind: str, view: JobView) -> dict[str, Any]:
+        body = super()._job_body(state, kind, view)
+        if view.status == "complete":
+            body.pop("job_id", None)
+        return body
+
+
+async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
+    client_of: Callable[[Emulator], BreadClient], tmp_path: Path
+) -> None:
+    """A partial export of a running job that completes meanwhile: the status read at the
+    end has no ``job_id`` any more, which is not another job (its config is the same)."""
+    emulator = IdsWhileRunning(speed=0)
+    with EmulatorThread(emulator):
+        emulator.add_target("r", "t", plan=TargetPlan(stimuli=1000, rollout_seconds=100))
+        client = client_of(emulator)
+        await client.targets.rollout.run("t", repo_name="r", poll=False)
+        emulator.clock.advance(25)
+        assert (await client.targets.rollout.get("t", repo_name="r")).job_id is not None
+        result = await client.export_rollout(
+            "t",
+            repo_name="r",
+            dest=tmp_path,
+            allow_partial=True,
+            on_progress=after_rows(100, lambda: emulator.clock.advance(200)),
+            **OPTIONS,
+        )
+        assert (await client.targets.rollout.get("t", repo_name="r")).job_id is None
+        assert (result.rows, result.partial) == (250, True)
+        assert batch_to_rows(pq.read_table(tmp_path)) == emulator.trajectories("r", "t", 0, 250)
 
 
 class HugeIntegers(NoJobIds):

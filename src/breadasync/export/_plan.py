@@ -65,8 +65,9 @@ class JobIdentity:
         )
 
     def same_status(self, job_id: int | str | None, config: Mapping[str, Any]) -> bool:
-        """Whether a status read still shows this job (its id; without one, its config)."""
-        if self.job_id is not None or job_id is not None:
+        """Whether a status read still shows this job: its id when both reads give one,
+        else its config (a service may name a job only while it runs)."""
+        if self.job_id is not None and job_id is not None:
             return job_id == self.job_id
         return _digest(dict(config)) == self.config
 
