@@ -23,6 +23,7 @@ from breadasync import (
     MockTransport,
     PollPolicy,
     PollTimeoutError,
+    ProtocolError,
     TransportRequest,
     TransportResponse,
 )
@@ -292,6 +293,16 @@ async def test_unknown_states_and_fields_are_kept(client: BreadClient) -> None:
     # A stop the docs do not list still ends the wait, as a failure.
     stopped = parse_job({"status": "Cancelled", "lines": 3}, Origin("GET", "/", 200))
     assert (stopped.status, stopped.is_terminal, stopped.is_failed) == ("cancelled", True, True)
+
+
+@pytest.mark.parametrize("field", ["lines", "total_expected"])
+def test_a_negative_count_in_a_status_is_refused(field: str) -> None:
+    """A negative ``lines`` would plan an export of no rows: refused, naming the field."""
+    from breadasync._models import Origin, parse_job
+
+    with pytest.raises(ProtocolError, match=f"field '{field}' should not be negative") as raised:
+        parse_job({"status": "complete", "lines": 3, field: -3}, Origin("GET", "/j", 200))
+    assert str(raised.value).startswith("GET /j -> 200")
 
 
 async def test_a_bad_poll_timeout_is_refused_before_the_job_starts(

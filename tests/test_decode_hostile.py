@@ -74,6 +74,8 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "an integer of 5000 digits": (HEAD + b'[{"n":1' + b"0" * 5000 + b"}]}", "refused"),
     "a BOM before the body": (b"\xef\xbb\xbf" + HEAD + b"[]}", "not JSON"),
     "truncated": (HEAD + b'[{"a":"b', "not JSON"),
+    "negative lines": (HEAD.replace(b'"lines":10', b'"lines":-3') + b"[]}", "'lines' should not"),
+    "negative offset": (HEAD.replace(b'"offset":0', b'"offset":-1') + b"[]}", "should not be neg"),
     "invalid UTF-8": (HEAD + b'[{"a":"\xff"}]}', "not JSON"),
 }
 

@@ -93,6 +93,23 @@ def test_progress_brings_the_next_poll_to_the_estimated_finish() -> None:
     assert schedule.next_delay() == pytest.approx(2 * 1.05)
 
 
+def test_progress_beyond_100_percent_does_not_keep_polls_at_the_minimum() -> None:
+    """A service that counts past 100 (say, lines in ``progress_percent``) guides the
+    schedule only as far as "done": one early poll, then the usual backoff, not a poll at
+    the minimum interval for as long as the count grows."""
+    schedule = PollSchedule(PollPolicy(initial=10, maximum=30, minimum=0.25, jitter=0))
+    now, delays = 0.0, []
+    for percent in (0, 50, 300, 900, 1500, 2100, 2700, 3300):
+        schedule.observe(running(percent), now)
+        delays.append(schedule.next_delay())
+        now += delays[-1]
+    assert delays.count(0.25) == 1, delays
+    after = delays[delays.index(0.25) :]
+    assert all(a < b for a, b in itertools.pairwise(after)), delays
+    assert (running(250).progress, running(250).progress_percent) == (100.0, 250)
+    assert running(-5).progress == 0.0
+
+
 def test_stalled_progress_ages_the_estimate() -> None:
     schedule = PollSchedule(PollPolicy(initial=10, maximum=30, jitter=0))
     schedule.observe(running(0), 0)

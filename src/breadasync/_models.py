@@ -133,11 +133,13 @@ class JobStatus:
 
     @property
     def progress(self) -> float | None:
-        """Percent done, from ``progress_percent`` or ``lines``/``total_expected``, if known."""
+        """Percent done (0-100), from ``progress_percent`` or ``lines``/``total_expected``, if
+        known."""
         if self.status is JobState.COMPLETE:
             return 100.0
         if self.progress_percent is not None:
-            return self.progress_percent
+            # Kept as sent in ``progress_percent``; a guide to polling only within 0-100.
+            return min(100.0, max(0.0, self.progress_percent))
         if self.lines is not None and self.total_expected:
             return min(100.0, 100.0 * self.lines / self.total_expected)
         return None
@@ -335,6 +337,10 @@ def _int(
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise origin.fail(f"field '{key}' should be an integer", value)
+    if value < 0:
+        # Every integer field is a count or a position: a negative one would turn into an
+        # export of no rows, or a wait that never ends.
+        raise origin.fail(f"field '{key}' should not be negative", value)
     return value
 
 
