@@ -142,6 +142,23 @@ def test_rollout_command(bread_emulator: Emulator) -> None:
 
 
 @pytest.mark.bread_emulator(speed=0)
+def test_request_timeout_bounds_each_attempt(bread_emulator: Emulator) -> None:
+    """A service that answers in 5 s, an attempt bound of 0.3 s and one retry: the target's
+    error says so, instead of a wait of minutes at the default bounds."""
+    bread_emulator.add_target("r", "slow", rows=30, rollout="complete")
+    bread_emulator.set_faults(Faults(latency=5), repo="r", target="slow")
+    argv = ("status", "--repo", "r", "slow", "--max-retries", "1", "--json")
+    done = run(*argv, "--request-timeout", "0.3", emulator=bread_emulator)
+    assert done.returncode == 1, done.stderr
+    [entry] = as_json(done)["targets"]
+    assert "no complete answer within the timeout" in entry["error"]
+    assert "attempt 0.3 s" in entry["error"]
+    assert "gave up after 2 attempts" in entry["error"]
+    bad = run(*argv, "--request-timeout", "0", emulator=bread_emulator)
+    assert bad.returncode == 2
+    assert "'0' must be > 0" in bad.stderr
+
+
 def test_status_command(bread_emulator: Emulator) -> None:
     bread_emulator.add_target("r", "done", rows=30, rollout="complete")
     bread_emulator.add_target("r", "idle")

@@ -160,6 +160,13 @@ def _service(common: Parser) -> Parser:
         default=5,
         help="retries of a failed request, with backoff (default 5)",
     )
+    service.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="seconds one attempt of a request may take before it is retried (default: 60 "
+        "s without a byte, 120 s in all)",
+    )
     return service
 
 
@@ -489,6 +496,8 @@ def make_client(args: argparse.Namespace, **kwargs: Any) -> Any:
     """A :class:`~breadasync.BreadClient` for the service options of ``args``."""
     from breadasync._client import BreadClient
 
+    if args.request_timeout is not None:
+        kwargs.setdefault("timeout", args.request_timeout)
     return BreadClient(
         args.api_key,
         args.base_url,
