@@ -15,6 +15,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -652,6 +653,27 @@ async def test_iter_rollout_batches_refuses_an_unfinished_job(
         async with exporter.iter_rollout_batches("t", repo_name="r"):
             entered = True
     assert not entered  # refused when entered, before any batch is asked for
+
+
+@pytest.mark.parametrize(
+    ("options", "text"),
+    [
+        ({"page_size": 0}, "page_size"),
+        ({"page_size": 1001}, "page_size"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"columns": "wide"}, "columns"),
+    ],
+)
+@frozen
+async def test_iter_rollout_batches_refuses_bad_options_before_asking(
+    exporter: BreadClient, bread_emulator: Emulator, options: dict[str, Any], text: str
+) -> None:
+    bread_emulator.add_target("r", "t", rollout="complete", rows=100)
+    stream = exporter.iter_rollout_batches("t", repo_name="r", **options)
+    with pytest.raises(InvalidArgumentError, match=text):
+        async with stream:
+            pytest.fail("entered with a bad option")
+    assert bread_emulator.stats.count() == 0
 
 
 def test_no_api_key_in_any_export_file(bread_emulator: Emulator, tmp_path: Path) -> None:

@@ -309,7 +309,23 @@ print(sorted(Watch.threads))
 """
 
 
-def test_the_first_export_loads_pyarrow_off_the_event_loop() -> None:
+FIRST_STREAM = FIRST_EXPORT.replace(
+    """        with tempfile.TemporaryDirectory() as folder:
+            result = await client.export_rollout("t", repo_name="r", dest=folder,
+                                                 decode_processes=0)
+    assert result.rows == 2
+""",
+    """        async with client.iter_rollout_batches("t", repo_name="r") as batches:
+            rows = [batch.num_rows async for batch in batches]
+    assert rows == [2]
+""",
+)
+
+
+@pytest.mark.parametrize("script", [FIRST_EXPORT, FIRST_STREAM], ids=["export", "stream"])
+def test_the_first_export_loads_pyarrow_off_the_event_loop(script: str) -> None:
     """Importing pyarrow and the exporter takes 0.2-0.7 s: in a worker thread, so a web
-    backend's first export does not hold its event loop that long."""
-    assert _in_fresh_python(FIRST_EXPORT) == "[False]"
+    backend's first export (or stream of batches) does not hold its event loop that long."""
+    assert script != FIRST_EXPORT or "export_rollout" in script
+    assert script != FIRST_STREAM or "iter_rollout_batches" in script
+    assert _in_fresh_python(script) == "[False]"

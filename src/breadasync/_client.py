@@ -41,6 +41,7 @@ from ._validation import check_user_id
 if TYPE_CHECKING:
     # Only for annotations: the exporter (and pyarrow) load when an export is first asked.
     from .export._dest import DestinationLike
+    from .export._exporter import Exporter
     from .export._options import Compression, ExportProgress, ExportResult, ExportResults
     from .export._schema import ColumnMode
     from .export._stream import BatchStream
@@ -471,20 +472,29 @@ class BreadClient:
                 async for batch in batches:
                     ...
 
-        Entering the block checks the target (``NotFoundError``, ``UnfinishedJobError``)
-        before any batch is asked for; leaving it stops every fetch. Same checks as
-        :meth:`export_rollout`: an unfinished job is refused unless ``allow_partial``;
-        short pages are completed; exactly ``lines`` rows of one job come out. ``columns``
-        chooses the batches' schema (``"json"`` or ``"typed"``, as for the export).
+        Entering the block checks the options (``InvalidArgumentError``) and the target
+        (``NotFoundError``, ``UnfinishedJobError``) before any batch is asked for, and
+        loads pyarrow in a worker thread the first time; leaving it stops every fetch.
+        Same checks as :meth:`export_rollout`: an unfinished job is refused unless
+        ``allow_partial``; short pages are completed; exactly ``lines`` rows of one job
+        come out. ``columns`` chooses the batches' schema (``"json"`` or ``"typed"``, as
+        for the export).
         """
-        from .export._exporter import Exporter, ExportOptions
         from .export._stream import BatchStream
 
         target = TargetRef.of(target_name, repo_name)
-        options = ExportOptions(
-            page_size, concurrency, window, allow_partial=allow_partial, columns=columns
-        )
-        return BatchStream(Exporter(self._api, options, user_id), target)
+        api = self._api
+
+        def exporter() -> Exporter:
+            from .export._exporter import Exporter, ExportOptions
+
+            options = ExportOptions(
+                page_size, concurrency, window, allow_partial=allow_partial, columns=columns
+            )
+            return Exporter(api, options, user_id)
+
+        # Built on entering, after _load_exporter: no import of pyarrow on the event loop.
+        return BatchStream(target, exporter, _load_exporter)
 
     async def request(
         self,

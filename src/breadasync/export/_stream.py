@@ -4,19 +4,25 @@ lives exactly as long as the caller's ``async with`` block."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
-import pyarrow as pa
-from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from breadasync._errors import first_error
 from breadasync._models import TargetRef
 
-from ._exporter import Exporter, pages_of, reraise
-from ._plan import ExportPlan, Part
-from ._reader import Page
+if TYPE_CHECKING:
+    # This module is light on purpose: the exporter and pyarrow load on entering the
+    # stream, in a worker thread (``load``), never on the event loop.
+    import pyarrow as pa
+    from anyio.abc import TaskGroup
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+    from ._exporter import Exporter
+    from ._plan import ExportPlan
+    from ._reader import Page
 
 
 class BatchStream:
@@ -27,8 +33,9 @@ class BatchStream:
             async for batch in batches:
                 ...
 
-    Entering it reads the job's status (a missing target raises :class:`NotFoundError`, an
-    unfinished job :class:`UnfinishedJobError`, before any batch is asked for) and starts
+    Entering it checks the options (:class:`InvalidArgumentError`), reads the job's status
+    (a missing target raises :class:`NotFoundError`, an unfinished job
+    :class:`UnfinishedJobError`, before any batch is asked for) and starts
     fetching pages in a task group that lives exactly as long as the ``async with`` block:
     leaving the block, early or by an error or a cancellation, stops every fetch and waits
     for the threads decoding pages. An error of the fetches is raised by the iteration. At
@@ -36,9 +43,18 @@ class BatchStream:
     :class:`DataIntegrityError` instead of ending the stream.
     """
 
-    def __init__(self, exporter: Exporter, target: TargetRef) -> None:
-        self._exporter = exporter
+    def __init__(
+        self,
+        target: TargetRef,
+        exporter: Callable[[], Exporter],
+        load: Callable[[], Awaitable[None]],
+    ) -> None:
+        """The stream of ``target``'s rows, read by the exporter ``exporter()`` builds once
+        ``load()`` has imported it."""
         self._target = target
+        self._make = exporter
+        self._load = load
+        self._exporter: Exporter | None = None
         self._receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]] | None = None
         self._group: TaskGroup | None = None
         self._scope = anyio.CancelScope()
@@ -53,10 +69,19 @@ class BatchStream:
         if self._entered:
             raise RuntimeError("a batch stream is entered once; call iter_rollout_batches again")
         self._entered = True
-        plan, _ = await self._exporter.plan(self._target, "")
+        await self._load()
+        from ._exporter import pages_of
+        from ._plan import Part
+
+        self._exporter = exporter = self._make()
+        plan, _ = await exporter.plan(self._target, "")
         self.plan = plan
-        reader = self._exporter.reader(plan)
-        send, receive = anyio.create_memory_object_stream[tuple[Page, list[pa.RecordBatch]]]()
+        reader = exporter.reader(plan)
+        pair: tuple[
+            MemoryObjectSendStream[tuple[Page, list[pa.RecordBatch]]],
+            MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]],
+        ] = anyio.create_memory_object_stream()
+        send, receive = pair
         group = anyio.create_task_group()
         await group.__aenter__()
         self._group, self._receive = group, receive
@@ -104,6 +129,7 @@ class BatchStream:
         if error is not None:
             raise error
         assert self.plan is not None
+        assert self._exporter is not None
         if self.plan.lines:
             await self._exporter.check_job(self.plan, "", final=True)
 
@@ -129,4 +155,6 @@ class BatchStream:
         try:
             await group.__aexit__(None, None, None)
         except BaseExceptionGroup as failed:
+            from ._exporter import reraise
+
             reraise(failed)
