@@ -205,7 +205,7 @@ class DecodeProcesses:
         *,
         columns: str = "json",
     ) -> tuple[pa.RecordBatch, int | None, str, int | str | None]:
-        """``(batch, lines, status)`` of one page, decoded in a child process, in the
+        """``(batch, lines, status, job_id)`` of one page, decoded in a child process, in the
         column mode ``columns``.
 
         Raises:
