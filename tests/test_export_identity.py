@@ -284,25 +284,17 @@ async def test_without_job_ids_config_and_first_rows_identify_the_job(
         )
 
 
-class IdsWhileRunning(Emulator):
-    """A service that names a job only while it is queued or running (as the SDK's
-    ``job_id`` says: "if job is queued/running")."""
-
-    def _job_body(self, state: Any, kind: str, view: JobView) -> dict[str, Any]:
-        body = super()._job_body(state, kind, view)
-        if view.status == "complete":
-            body.pop("job_id", None)
-        return body
-
-
 async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
     client_of: Callable[[Emulator], BreadClient], tmp_path: Path
 ) -> None:
-    """A partial export of a running job that completes meanwhile: the status read at the
-    end has no ``job_id`` any more, which is not another job (its config is the same)."""
-    emulator = IdsWhileRunning(speed=0)
+    """A service that names a job only while it is queued or running (the SDK's ``job_id``:
+    "if job is queued/running"), and a partial export of a running job that completes
+    meanwhile: the status read at the end has no ``job_id`` any more, which is not another
+    job (its config is the same)."""
+    emulator = Emulator(speed=0)
     with EmulatorThread(emulator):
-        emulator.add_target("r", "t", plan=TargetPlan(stimuli=1000, rollout_seconds=100))
+        plan = TargetPlan(stimuli=1000, rollout_seconds=100, final_job_id=False)
+        emulator.add_target("r", "t", plan=plan)
         client = client_of(emulator)
         await client.targets.rollout.run("t", repo_name="r", poll=False)
         emulator.clock.advance(25)
@@ -318,6 +310,36 @@ async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
         assert (await client.targets.rollout.get("t", repo_name="r")).job_id is None
         assert (result.rows, result.partial) == (250, True)
         assert batch_to_rows(pq.read_table(tmp_path)) == emulator.trajectories("r", "t", 0, 250)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        TargetPlan(page_lines=False),
+        TargetPlan(final_job_id=False),
+        TargetPlan(page_lines=False, final_job_id=False),
+    ],
+    ids=["pages-without-lines", "no-id-when-done", "both"],
+)
+async def test_what_the_spec_lets_a_service_leave_out(
+    client_of: Callable[[Emulator], BreadClient], tmp_path: Path, plan: TargetPlan
+) -> None:
+    """Output pages without ``lines`` (optional there, in the spec) and a complete job
+    without a ``job_id``: the export, a resume and the stream give the rows served."""
+    emulator = Emulator(speed=0)
+    with EmulatorThread(emulator):
+        emulator.add_target("r", "t", rows=ROWS, rollout="complete", plan=plan)
+        client = client_of(emulator)
+        page = await client.targets.rollout.get_output("t", repo_name="r", limit=3)
+        assert (page.lines is None) == (not plan.page_lines)
+        served = emulator.trajectories("r", "t")
+        await interrupted(client, tmp_path)
+        result = await client.export_rollout("t", repo_name="r", dest=tmp_path, **OPTIONS)
+        assert (result.rows, result.parts_reused >= 2) == (ROWS, True)
+        assert batch_to_rows(pq.read_table(tmp_path)) == served
+        async with client.iter_rollout_batches("t", repo_name="r", page_size=700) as batches:
+            streamed = [row async for batch in batches for row in batch_to_rows(batch)]
+        assert streamed == served
 
 
 class HugeIntegers(NoJobIds):

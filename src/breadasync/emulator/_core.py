@@ -256,7 +256,7 @@ class EmulatorCore:
             body["config"] = config
             if kind == "rollout" and view.total and state.progress == "full":
                 body["total_expected"] = view.total
-        if view.job_id is not None:
+        if view.job_id is not None and (view.status != "complete" or state.plan.final_job_id):
             body["job_id"] = view.job_id
         if view.progress_percent is not None:
             body["progress_percent"] = view.progress_percent

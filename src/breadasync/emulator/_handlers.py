@@ -203,6 +203,8 @@ class ApiHandlers(EmulatorCore):
             rows = self._rows(kind, state, offset, count)
             envelope = self._job_body(state, kind, view)
             envelope.update(offset=offset, limit=limit, has_more=offset + count < view.lines)
+            if not state.plan.page_lines:
+                del envelope["lines"]
             if self.dialect == "docs":
                 # The docs page lists ``parameters`` last, after ``output``.
                 parameters = envelope.pop("parameters")

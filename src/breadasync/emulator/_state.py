@@ -84,6 +84,12 @@ class TargetPlan:
     the spec dialect, ``total_expected``), ``lines`` (only a growing ``lines``) or ``final``
     (``lines`` stays 0 until the job completes). ``None``: the realistic profile picks one
     per target, deterministically from its names; the simple profile says ``full``."""
+    page_lines: bool = True
+    """Whether output pages carry ``lines`` (the spec makes it optional there; the status
+    always carries it)."""
+    final_job_id: bool = True
+    """Whether a complete job's status and pages still carry its ``job_id`` (the SDK sends
+    one only "if job is queued/running")."""
 
     def __post_init__(self) -> None:
         if self.stimuli is not None and self.stimuli < 0:

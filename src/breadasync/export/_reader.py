@@ -263,25 +263,25 @@ class RangeReader:
                     "job; rows of two jobs must not be mixed, so read it again for the new "
                     "job's rows"
                 )
+        # ``lines`` is optional on a page (the spec): the status's count, read when the
+        # export began and again at its end, is the one the export holds to.
         lines = decoded.lines
-        if lines is None:
-            raise DataIntegrityError(
-                f"GET {path}: the page does not say how many lines the job has"
-            )
-        if self._complete and (lines != self._expected or decoded.status is not JobState.COMPLETE):
+        changed = lines is not None and lines != self._expected
+        if self._complete and (decoded.status is not JobState.COMPLETE or changed):
+            said = f"{lines:,} lines" if lines is not None else "no line count"
             raise DataIntegrityError(
                 f"GET {path}: the job was complete with {self._expected:,} lines when the "
-                f"export began, but this page says {decoded.status} with {lines:,} lines; "
-                "a complete job must not change"
+                f"export began, but this page says {decoded.status} with {said}; a complete "
+                "job must not change"
             )
-        if lines < self._expected:
+        if lines is not None and lines < self._expected:
             raise DataIntegrityError(
                 f"GET {path}: the job's lines fell from {self._expected:,} to {lines:,}"
             )
         if decoded.batch.num_rows == 0:
             raise DataIntegrityError(
                 f"GET {path}: no rows at offset {offset:,} although the job has "
-                f"{lines:,} lines; the export would have a gap"
+                f"{max(lines or 0, self._expected):,} lines; the export would have a gap"
             )
 
 
