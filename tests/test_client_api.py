@@ -21,6 +21,7 @@ from breadasync import (
     JobStatus,
     Limits,
     MockTransport,
+    NotFoundError,
     PollPolicy,
     PollTimeoutError,
     ProtocolError,
@@ -321,8 +322,8 @@ async def test_a_bad_poll_timeout_is_refused_before_the_job_starts(
 
 # The public call shapes of aibread 1.4.0's AsyncBread for the resources breadasync implements
 # (read from inspect.signature of aibread.resources.targets.*): the parameters it takes
-# positionally, then those it takes by keyword. Its transport-only options (x_user_id,
-# extra_headers, extra_query, extra_body) have no counterpart here.
+# positionally, then those it takes by keyword, its per-call transport options included.
+SDK_EXTRAS = ["x_user_id", "extra_headers", "extra_query", "extra_body"]
 SDK_SHAPES: dict[str, tuple[list[str], list[str]]] = {
     "targets.create": (
         ["repo_name"],
@@ -361,6 +362,7 @@ def _method(client: BreadClient, dotted: str) -> Any:
 @pytest.mark.parametrize("dotted", sorted(SDK_SHAPES))
 def test_every_sdk_call_shape_binds(client: BreadClient, dotted: str) -> None:
     positional, keywords = SDK_SHAPES[dotted]
+    keywords = keywords + SDK_EXTRAS
     signature = inspect.signature(_method(client, dotted))
     params = list(signature.parameters.values())
     for i, name in enumerate(positional):
@@ -392,6 +394,89 @@ async def test_sdk_call_shapes_work_against_the_service(
     status = await client.targets.rollout.run("t", repo_name="sdk_repo", poll=False)
     assert status.status is not JobState.NOT_STARTED
     assert (await client.targets.rollout.get("t", repo_name="sdk_repo")).status is not None
+
+
+async def test_the_sdks_per_call_and_client_options_reach_the_service() -> None:
+    """``x_user_id``, ``extra_headers``, ``extra_query``, ``extra_body`` on a call, and
+    ``default_headers``, ``default_query`` on the client, as the SDK sends them; a timeout
+    of ``None`` (no bound) or an ``httpx.Timeout``-like object bounds the attempt so."""
+    seen: list[TransportRequest] = []
+
+    async def handler(request: TransportRequest) -> TransportResponse:
+        seen.append(request)
+        body: dict[str, Any] = {"status": "running", "lines": 0}
+        if request.method == "POST" and request.path.startswith("/v1/repo/r/targets?"):
+            body = {"target_name": "t", "config": {}}
+        return TransportResponse(200, {"content-type": "application/json"}, orjson.dumps(body))
+
+    class HttpxLikeTimeout:  # the attributes of httpx.Timeout(30, connect=2)
+        connect, read, write, pool = 2.0, 30.0, 30.0, 30.0
+
+    async def main() -> None:
+        async with BreadClient(
+            "sk-test",
+            transport=MockTransport(handler),
+            default_headers={"X-Team": "ml", "user-agent": "mine/1"},
+            default_query={"region": "eu"},
+        ) as client:
+            await client.targets.rollout.get(
+                "t",
+                repo_name="r",
+                x_user_id="alice",
+                extra_headers={"X-Trace": "42"},
+                extra_query={"verbose": "1"},
+                timeout=None,
+            )
+            await client.targets.create(
+                "r",
+                target_name="t",
+                extra_body={"description": "d", "template": "other"},
+                timeout=HttpxLikeTimeout(),
+            )
+            await client.targets.rollout.run("t", repo_name="r", poll=False)
+
+    await main()
+    get, create, run = seen
+    assert get.headers["X-User-Id"] == "alice"
+    assert (get.headers["X-Trace"], get.headers["X-Team"]) == ("42", "ml")
+    assert get.path == "/v1/repo/r/targets/t/rollout?region=eu&verbose=1"
+    assert (get.timeout, get.connect_timeout, get.read_timeout) == (None, None, None)
+    assert orjson.loads(create.content or b"") == {
+        "target_name": "t",
+        "template": "other",  # the extras win, as in the SDK
+        "description": "d",
+    }
+    assert (create.connect_timeout, create.read_timeout, create.timeout) == (2.0, 30.0, None)
+    assert "X-Trace" not in run.headers  # a call's extras are its own
+    assert run.path == "/v1/repo/r/targets/t/rollout?region=eu"
+    for request in seen:
+        assert request.headers["Authorization"] == "Bearer sk-test"
+        assert request.headers["user-agent"] == "mine/1"
+        assert "User-Agent" not in request.headers
+
+
+@pytest.mark.parametrize(
+    ("call", "text"),
+    [
+        ({"extra_headers": {"authorization": "Bearer other"}}, "may not set 'authorization'"),
+        ({"extra_headers": {"Idempotency-Key": "k"}}, "may not set 'Idempotency-Key'"),
+        ({"extra_query": ["a"]}, "extra_query must be a mapping"),
+        ({"user_id": "a", "x_user_id": "b"}, "name two users"),
+    ],
+)
+async def test_the_sdks_options_are_checked_before_sending(
+    client: BreadClient, bread_emulator: Emulator, call: dict[str, Any], text: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=text):
+        await client.targets.rollout.get("t", repo_name="r", **call)
+    assert bread_emulator.stats.count() == 0
+    with pytest.raises(NotFoundError) as missing:  # the SDK's name of the status too
+        await client.targets.rollout.get("t", repo_name="r")
+    assert missing.value.status_code == missing.value.status == 404
+    with pytest.raises(ConfigError, match="default_headers may not set 'Authorization'"):
+        BreadClient("k", default_headers={"Authorization": "x"})
+    with pytest.raises(ConfigError, match=r"an httpx\.Timeout, not str"):
+        BreadClient("k", timeout="30")  # type: ignore[arg-type]
 
 
 async def test_an_output_page_carries_its_job_status(

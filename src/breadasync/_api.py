@@ -8,13 +8,15 @@ on :class:`Api`, never on ``BreadClient``, so dependencies point one way: facade
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import anyio
 
-from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
-from ._errors import ProtocolError
+from ._config import NOT_GIVEN, NotGiven, PollPolicy, TimeoutArg, Timeouts
+from ._errors import InvalidArgumentError, ProtocolError
 from ._models import JobStatus, Origin, TargetRef, parse_job
 from ._transport import ClientStats, Response, Transport, decode_json
 from ._validation import check_user_id, target_path
@@ -23,6 +25,49 @@ _T = TypeVar("_T")
 
 JobKind = Literal["stim", "rollout"]
 """Which of a target's two jobs: stimulus generation or rollout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """What the SDK's ``extra_headers``, ``extra_query`` and ``extra_body`` add to every
+    request of one call (their values win over the call's own, as in the SDK)."""
+
+    headers: Mapping[str, str] | None = None
+    query: Mapping[str, Any] | None = None
+    body: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        headers: Mapping[str, str] | None,
+        query: Mapping[str, Any] | None,
+        body: Mapping[str, Any] | None,
+        *,
+        prefix: str = "extra",
+    ) -> Extras | None:
+        """The extras given (``None`` when there are none), checked; ``prefix`` names the
+        arguments in errors (``extra_headers``, or the client's ``default_headers``)."""
+        for name, value in (("headers", headers), ("query", query), ("body", body)):
+            if value is not None and not isinstance(value, Mapping):
+                raise InvalidArgumentError(
+                    f"{prefix}_{name} must be a mapping, not {type(value).__name__}"
+                )
+        for name in headers or {}:
+            if not isinstance(name, str) or name.lower() in _OWN_HEADERS:
+                # The key is the client's one credential: a header carrying another would
+                # also escape the scrubbing of that key from errors and logs.
+                raise InvalidArgumentError(
+                    f"{prefix}_headers may not set {name!r}: the client sends it itself "
+                    "(api_key=, user_id=, idempotency_key=)"
+                )
+        if not (headers or query or body):
+            return None
+        return cls(headers, query, body)
+
+
+_OWN_HEADERS = frozenset(
+    {"authorization", "host", "content-length", "idempotency-key", "x-user-id"}
+)
 
 
 class Api:
@@ -48,6 +93,16 @@ class Api:
         self.user_id = user_id
         self.poll_policy = poll_policy
         self.max_concurrency = max_concurrency
+        self._extras: Extras | None = None
+
+    def with_extras(self, extras: Extras | None) -> Api:
+        """This API, adding ``extras`` to every request (the same transport, limits and
+        counters): what one SDK-style call with ``extra_*`` arguments works with."""
+        if extras is None:
+            return self
+        bound = copy.copy(self)
+        bound._extras = extras
+        return bound
 
     @property
     def base_url(self) -> str:
@@ -87,7 +142,7 @@ class Api:
         params: Mapping[str, Any] | None = None,
         body: Any = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
         idempotency_key: str | None = None,
         hide_key: bool = False,
     ) -> _T:
@@ -101,6 +156,14 @@ class Api:
             data = decode_json(body, method=method, path=response.path, status=response.status)
             return parse(data, Origin(method, response.path, response.status))
 
+        headers = None
+        if self._extras is not None:
+            extras = self._extras
+            headers = extras.headers
+            if extras.query:
+                params = {**(params or {}), **extras.query}
+            if extras.body and method != "GET":
+                body = {**(body if isinstance(body, Mapping) else {}), **extras.body}
         try:
             return await self._transport.request_decoded(
                 method,
@@ -108,6 +171,7 @@ class Api:
                 decode,
                 params=params,
                 json_body=body,
+                headers=headers,
                 user_id=self.user(user_id),
                 timeouts=None if timeout is NOT_GIVEN else Timeouts.of(timeout),
                 idempotency_key=idempotency_key,
@@ -140,7 +204,7 @@ class Api:
         kind: JobKind,
         *,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
     ) -> JobStatus:
         """A job's current status (``not_started`` if it never started)."""
         path = target_path(ref.repo_name, ref.target_name, kind)
@@ -154,7 +218,7 @@ class Api:
         kind: JobKind,
         *,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
         idempotency_key: str | None = None,
     ) -> JobStatus:
         """Start a job (idempotent on the service: a running or finished job is reported)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
-from ._api import Api
+from ._api import Api, Extras
 from ._config import (
     DEFAULT_MAX_BODY_BYTES,
     NOT_GIVEN,
@@ -25,6 +25,7 @@ from ._config import (
     NotGiven,
     PollPolicy,
     RetryPolicy,
+    TimeoutArg,
     Timeouts,
     resolve_api_key,
     resolve_base_url,
@@ -75,6 +76,8 @@ class BreadClient:
             one :class:`Limits` (instead of the three arguments, which it overrides).
         allow_insecure_http: Allow plain http to a host that is not loopback.
         trust_env: Use proxy settings from the environment (``HTTPS_PROXY``...).
+        default_headers, default_query: Headers and query parameters for every request,
+            as the SDK's (the key, user and idempotency headers are the client's own).
         transport: What sends single attempts (default: aiohttp); e.g. a
             :class:`MockTransport` in tests. Retries and limits wrap it; the client closes it.
     """
@@ -84,7 +87,7 @@ class BreadClient:
         api_key: str | None = None,
         base_url: str | None = None,
         *,
-        timeout: float | Timeouts = Timeouts(),  # noqa: B008 (frozen, so shared safely)
+        timeout: TimeoutArg = Timeouts(),  # noqa: B008 (frozen, so shared safely)
         max_retries: int | NotGiven = NOT_GIVEN,
         max_concurrency: int = 64,
         max_requests_per_second: float | None = None,
@@ -96,6 +99,8 @@ class BreadClient:
         allow_insecure_http: bool = False,
         trust_env: bool = False,
         transport: AsyncBaseTransport | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, Any] | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
         url = resolve_base_url(base_url, allow_insecure_http=allow_insecure_http)
@@ -110,6 +115,7 @@ class BreadClient:
             raise ConfigError(f"limits must be a Limits, got {type(limits).__name__}")
         try:
             checked_user = check_user_id(user_id)
+            Extras.of(default_headers, default_query, None, prefix="default")
         except InvalidArgumentError as exc:
             raise ConfigError(str(exc)) from None
         self._max_retries = policy.max_retries
@@ -121,6 +127,8 @@ class BreadClient:
             limits=limits,
             trust_env=trust_env,
             transport=transport,
+            default_headers=default_headers,
+            default_query=default_query,
         )
         self._api = Api(
             sender,
@@ -504,7 +512,7 @@ class BreadClient:
         params: Mapping[str, Any] | None = None,
         json: Any = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
     ) -> Any:
         """Call an endpoint this client does not wrap; returns the decoded JSON.
 

@@ -6,7 +6,7 @@ import enum
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from yarl import URL
 
@@ -47,28 +47,54 @@ class Timeouts:
         read: Seconds to wait for the next bytes of an answer (default 60).
         request: Seconds for one whole attempt, headers and body (default 120): a drip-fed
             body resets ``read`` forever, so only this bounds it.
-        total: Seconds for a call across all its retries (default 600; ``None``: no bound):
-            no attempt outlives it, and no retry starts that would.
+        total: Seconds for a call across all its retries (default 600): no attempt outlives
+            it, and no retry starts that would.
+
+    ``None`` in any of them: no bound.
     """
 
-    connect: float = 5.0
-    read: float = 60.0
-    request: float = 120.0
+    connect: float | None = 5.0
+    read: float | None = 60.0
+    request: float | None = 120.0
     total: float | None = 600.0
 
     def __post_init__(self) -> None:
-        _positive("Timeouts.connect", self.connect)
-        _positive("Timeouts.read", self.read)
-        _positive("Timeouts.request", self.request)
+        _positive("Timeouts.connect", self.connect, allow_none=True)
+        _positive("Timeouts.read", self.read, allow_none=True)
+        _positive("Timeouts.request", self.request, allow_none=True)
         _positive("Timeouts.total", self.total, allow_none=True)
 
     @classmethod
-    def of(cls, value: float | Timeouts) -> Timeouts:
-        """A :class:`Timeouts` from a number of seconds (one attempt) or a :class:`Timeouts`."""
+    def of(cls, value: float | Timeouts | TimeoutLike | None) -> Timeouts:
+        """A :class:`Timeouts` from a number of seconds (one attempt), ``None`` (no bound at
+        all, as the SDK's ``timeout=None``), an ``httpx.Timeout`` (its ``connect`` and
+        ``read``; as there, nothing bounds a whole attempt) or a :class:`Timeouts`."""
         if isinstance(value, Timeouts):
             return value
-        _positive("timeout", value)
-        return cls(connect=min(5.0, value), read=value, request=value, total=max(600.0, value))
+        if value is None:
+            return cls(connect=None, read=None, request=None, total=None)
+        if isinstance(value, int | float):
+            _positive("timeout", value)
+            return cls(connect=min(5.0, value), read=value, request=value, total=max(600.0, value))
+        if not hasattr(value, "read"):
+            raise ConfigError(
+                "timeout must be a positive number of seconds, None (no bound), a Timeouts "
+                f"or an httpx.Timeout, not {type(value).__name__}"
+            )
+        return cls(connect=value.connect, read=value.read, request=None, total=None)
+
+
+class TimeoutLike(Protocol):
+    """What the SDK's ``timeout=`` also takes (``httpx.Timeout``): seconds to connect and
+    between bytes, each ``None`` for no bound."""
+
+    @property
+    def connect(self) -> float | None:
+        """Seconds to open a connection."""
+
+    @property
+    def read(self) -> float | None:
+        """Seconds to wait for the next bytes of an answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,3 +262,8 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+TimeoutArg = float | Timeouts | TimeoutLike | None
+"""What ``timeout=`` takes: seconds for one attempt, a :class:`Timeouts`, an
+``httpx.Timeout`` or ``None`` (no bound), as the SDK's does."""

@@ -123,6 +123,11 @@ class APIStatusError(APIError):
         self.headers: Mapping[str, str] = dict(headers or {})
         self.retry_after = retry_after
 
+    @property
+    def status_code(self) -> int:
+        """The HTTP status code, by the SDK's name (:attr:`status`)."""
+        return self.status
+
 
 class BadRequestError(APIStatusError):
     """400: the service refused the request, e.g. a rollout whose stim job is not complete

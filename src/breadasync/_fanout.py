@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._api import Api, JobKind
-from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
+from ._config import NOT_GIVEN, NotGiven, PollPolicy, TimeoutArg
 from ._errors import (
     BadRequestError,
     BreadError,
@@ -95,7 +95,7 @@ class Fanout:
         fail_fast: bool,
         user_id: str | NotGiven | None,
         on_progress: ProgressCallback[RolloutUpdate] | None,
-        request_timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        request_timeout: TimeoutArg | NotGiven = NOT_GIVEN,
         idempotency_key: str | None = None,
         start_hint: str = "rollout_many",
         timeout_name: str = "target_timeout",
@@ -441,7 +441,7 @@ async def watch(
     poll_policy: PollPolicy | NotGiven,
     raise_on_failure: bool,
     user_id: str | NotGiven | None,
-    timeout: float | Timeouts | NotGiven,
+    timeout: TimeoutArg | NotGiven,
     idempotency_key: str | None = None,
 ) -> JobStatus:
     """One target's job to a terminal state (``run(poll=True)`` and ``wait``): the engine

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._api import Api, JobKind
-from ._config import NOT_GIVEN, NotGiven, PollPolicy, Timeouts
+from ._api import Api, Extras, JobKind
+from ._config import NOT_GIVEN, NotGiven, PollPolicy, TimeoutArg
 from ._errors import InvalidArgumentError
 from ._fanout import check_poll_policy, watch
 from ._models import (
@@ -35,6 +35,25 @@ from ._validation import (
 )
 
 
+def _sdk_call(
+    api: Api,
+    user_id: str | NotGiven | None,
+    x_user_id: str | NotGiven,
+    extra_headers: Mapping[str, str] | None,
+    extra_query: Mapping[str, Any] | None,
+    extra_body: Mapping[str, Any] | None,
+) -> tuple[Api, str | NotGiven | None]:
+    """The API one call works with, and the user it acts for, from the SDK's per-call
+    arguments: ``x_user_id`` is ``user_id`` (both go out as ``X-User-Id``)."""
+    if x_user_id is not NOT_GIVEN:
+        if user_id is not NOT_GIVEN and user_id != x_user_id:
+            raise InvalidArgumentError(
+                "user_id and x_user_id name two users; give one (both act for the user named)"
+            )
+        user_id = x_user_id
+    return api.with_extras(Extras.of(extra_headers, extra_query, extra_body)), user_id
+
+
 class Targets:
     """``client.targets``: create, get and list targets; ``.stim`` and ``.rollout`` jobs."""
 
@@ -53,7 +72,11 @@ class Targets:
         template: str = "default",
         overrides: Mapping[str, Any] | None = None,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        x_user_id: str | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Target:
         """Create a target (idempotent: the same config again returns the existing one).
@@ -62,6 +85,9 @@ class Targets:
             ConflictError: The target exists with a different config (targets are immutable).
             UnprocessableEntityError: An override has the wrong type or range.
         """
+        api, user_id = _sdk_call(
+            self._api, user_id, x_user_id, extra_headers, extra_query, extra_body
+        )
         path = repo_path(repo_name)
         check_name(target_name, "target_name")
         check_name(template, "template")
@@ -72,7 +98,7 @@ class Targets:
         body: dict[str, Any] = {"target_name": target_name, "template": template}
         if overrides is not None:
             body["overrides"] = dict(overrides)
-        return await self._api.call(
+        return await api.call(
             "POST",
             path,
             parse_target,
@@ -88,14 +114,21 @@ class Targets:
         *,
         repo_name: str,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        x_user_id: str | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Target:
         """A target and its config.
 
         Raises:
             NotFoundError: No such target.
         """
-        return await self._api.call(
+        api, user_id = _sdk_call(
+            self._api, user_id, x_user_id, extra_headers, extra_query, extra_body
+        )
+        return await api.call(
             "GET",
             target_path(repo_name, target_name),
             parse_target,
@@ -108,14 +141,21 @@ class Targets:
         repo_name: str,
         *,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        x_user_id: str | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> TargetList:
         """The names of a repo's targets.
 
         Raises:
             NotFoundError: No such repo.
         """
-        return await self._api.call(
+        api, user_id = _sdk_call(
+            self._api, user_id, x_user_id, extra_headers, extra_query, extra_body
+        )
+        return await api.call(
             "GET",
             repo_path(repo_name),
             parse_target_list,
@@ -142,7 +182,11 @@ class _Jobs:
         poll_policy: PollPolicy | NotGiven = NOT_GIVEN,
         raise_on_failure: bool = True,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        x_user_id: str | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> JobStatus:
         """Start the job (idempotent: if it exists, its current state comes back).
@@ -167,16 +211,19 @@ class _Jobs:
             BadRequestError: A prerequisite is missing (stim not complete, no ``model_name``).
             PaymentRequiredError: No credit left.
         """
+        api, user_id = _sdk_call(
+            self._api, user_id, x_user_id, extra_headers, extra_query, extra_body
+        )
         ref = TargetRef.of(target_name, repo_name)
         # Checked before anything is sent, whether or not they are used.
         poll_timeout = check_seconds(poll_timeout, "poll_timeout")
         check_poll_policy(poll_policy)
         if not poll:
-            return await self._api.start_job(
+            return await api.start_job(
                 ref, self._kind, user_id=user_id, timeout=timeout, idempotency_key=idempotency_key
             )
         return await watch(
-            self._api,
+            api,
             ref,
             self._kind,
             start=True,
@@ -194,14 +241,21 @@ class _Jobs:
         *,
         repo_name: str,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        x_user_id: str | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> JobStatus:
         """The job's current status (``not_started`` if it was never started).
 
         Raises:
             NotFoundError: No such target.
         """
-        return await self._api.get_job(
+        api, user_id = _sdk_call(
+            self._api, user_id, x_user_id, extra_headers, extra_query, extra_body
+        )
+        return await api.get_job(
             TargetRef.of(target_name, repo_name), self._kind, user_id=user_id, timeout=timeout
         )
 
@@ -213,7 +267,11 @@ class _Jobs:
         limit: int | NotGiven = NOT_GIVEN,
         offset: int | NotGiven = NOT_GIVEN,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        x_user_id: str | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> OutputPage:
         """One page of the job's output.
 
@@ -227,12 +285,15 @@ class _Jobs:
             InvalidArgumentError: ``limit`` or ``offset`` out of range (nothing is sent).
             NotFoundError: No such target.
         """
+        api, user_id = _sdk_call(
+            self._api, user_id, x_user_id, extra_headers, extra_query, extra_body
+        )
         params: dict[str, int] = {}
         if limit is not NOT_GIVEN:
             params["limit"] = check_limit(limit)
         if offset is not NOT_GIVEN:
             params["offset"] = check_offset(offset)
-        return await self._api.call(
+        return await api.call(
             "GET",
             target_path(repo_name, target_name, self._kind, "output"),
             parse_page,
@@ -250,7 +311,11 @@ class _Jobs:
         poll_policy: PollPolicy | NotGiven = NOT_GIVEN,
         raise_on_failure: bool = True,
         user_id: str | NotGiven | None = NOT_GIVEN,
-        timeout: float | Timeouts | NotGiven = NOT_GIVEN,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        x_user_id: str | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> JobStatus:
         """Wait until an already started job is ``complete`` or ``failed``.
 
@@ -262,8 +327,11 @@ class _Jobs:
             JobFailedError: It failed (unless ``raise_on_failure=False``).
             PollTimeoutError: ``poll_timeout`` passed first.
         """
+        api, user_id = _sdk_call(
+            self._api, user_id, x_user_id, extra_headers, extra_query, extra_body
+        )
         return await watch(
-            self._api,
+            api,
             TargetRef.of(target_name, repo_name),
             self._kind,
             start=False,

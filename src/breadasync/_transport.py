@@ -123,6 +123,7 @@ class RequestOptions(TypedDict, total=False):
     timeouts: Timeouts | None
     idempotency_key: str | None
     slots: anyio.CapacityLimiter | None
+    headers: Mapping[str, str] | None
 
 
 class Transport:
@@ -148,8 +149,11 @@ class Transport:
         transport: AsyncBaseTransport | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, Any] | None = None,
     ) -> None:
         self._key = api_key
+        self._default_query = dict(default_query or {})
         self._redactor = Redactor(api_key)
         self._base = str(base_url)
         self._origin = base_url.origin()
@@ -171,10 +175,18 @@ class Transport:
             max_rate=limits.max_requests_per_second,
             clock=self._clock,
         )
+        named = {name.lower() for name in default_headers or {}}
         self._headers = {
+            **{
+                k: v
+                for k, v in {
+                    "User-Agent": f"breadasync/{__version__}",
+                    "Accept": "application/json",
+                }.items()
+                if k.lower() not in named
+            },
+            **(default_headers or {}),
             "Authorization": f"Bearer {api_key}",
-            "User-Agent": f"breadasync/{__version__}",
-            "Accept": "application/json",
         }
         self._stats = ClientStats(max_concurrency=limits.max_concurrency)
         self._rng = rng or random.Random()
@@ -257,6 +269,8 @@ class Transport:
                 f"goes to {self._origin})"
             )
         shown = path
+        if self._default_query:
+            params = {**self._default_query, **(params or {})}
         if params:
             shown = f"{path}?{urlencode(params)}"
         return URL(self._base + shown, encoded=True), shown
@@ -280,8 +294,10 @@ class Transport:
         timeouts: Timeouts | None = None,
         idempotency_key: str | None = None,
         slots: anyio.CapacityLimiter | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> _T:
         """Send a request, retrying per the policy, and return ``decode`` of the 2xx answer.
+        ``headers`` are sent besides the client's own (which they may not replace).
 
         A GET whose body ``decode`` finds is not JSON (a :class:`ProtocolError` marked
         ``retryable``: cut short, or a proxy's page in its place) is retried like a 5xx, so
@@ -301,7 +317,16 @@ class Transport:
         """
         url, shown = self.url_for(path, params)
         timeouts = timeouts or self.timeouts
-        headers = dict(self._headers)
+        if headers:
+            # The caller's extras win (as the SDK's do), whatever their case; they may not
+            # name the credentials (see ``Extras``).
+            named = {name.lower() for name in headers}
+            headers = {
+                **{k: v for k, v in self._headers.items() if k.lower() not in named},
+                **headers,
+            }
+        else:
+            headers = dict(self._headers)
         if user_id:
             headers["X-User-Id"] = user_id
         data: bytes | None = None
@@ -327,6 +352,7 @@ class Transport:
             try:
                 ticket = await self._admit(method, shown, attempt, deadline, error)
                 remaining = deadline - clock.now()
+                bound = remaining if timeouts.request is None else min(timeouts.request, remaining)
                 attempt_request = TransportRequest(
                     method=method,
                     url=str(url),
@@ -336,7 +362,7 @@ class Transport:
                     connect_timeout=timeouts.connect,
                     read_timeout=timeouts.read,
                     # No attempt may outlive the call's total timeout.
-                    timeout=max(min(timeouts.request, remaining), 0.001),
+                    timeout=None if bound == math.inf else max(bound, 0.001),
                     max_body_bytes=self.limits.max_body_bytes,
                 )
                 self._stats.requests += 1

@@ -19,7 +19,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from breadasync._client import BreadClient
-from breadasync._config import Timeouts, resolve_api_key, resolve_base_url
+from breadasync._config import TimeoutArg, Timeouts, resolve_api_key, resolve_base_url
 from breadasync._errors import (
     APIConnectionError,
     BreadError,
@@ -362,7 +362,7 @@ class BreadDatasource(Datasource):
         page_size: int = MAX_PAGE_SIZE,
         max_retries: int = 5,
         task_retries: int = 3,
-        timeout: float | Timeouts = Timeouts(),  # noqa: B008 (frozen)
+        timeout: TimeoutArg = Timeouts(),  # noqa: B008 (frozen)
         user_id: str | None = None,
         allow_insecure_http: bool = False,
         columns: ColumnMode = "json",
