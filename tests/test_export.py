@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from breadasync import (
+    AnswerTooLargeError,
     BreadClient,
     DataIntegrityError,
     DestinationError,
@@ -674,6 +675,32 @@ async def test_iter_rollout_batches_refuses_bad_options_before_asking(
         async with stream:
             pytest.fail("entered with a bad option")
     assert bread_emulator.stats.count() == 0
+
+
+@frozen
+async def test_pages_over_the_size_limit_are_asked_for_with_fewer_rows(
+    make_client: Callable[..., BreadClient], bread_emulator: Emulator, tmp_path: Path
+) -> None:
+    """Rows of long traces make a page of 1000 bigger than ``max_body_bytes``: the export
+    and the stream ask for fewer rows a page (halving) and still give every row; a single
+    row over the limit is an ``AnswerTooLargeError``."""
+    bread_emulator.add_target("r", "t", rows=3000, rollout="complete")
+    served = bread_emulator.trajectories("r", "t")
+    limit = len(orjson.dumps(served[:1000])) // 3
+    client = make_client(max_body_bytes=limit)
+    with pytest.raises(AnswerTooLargeError, match=f"over the limit of {limit:,} bytes"):
+        await client.targets.rollout.get_output("t", repo_name="r", limit=1000)
+    result = await client.export_rollout("t", repo_name="r", dest=tmp_path, decode_processes=0)
+    assert result.rows == 3000
+    assert read_rows(tmp_path) == served
+    async with client.iter_rollout_batches("t", repo_name="r") as batches:
+        assert [row async for batch in batches for row in batch_to_rows(batch)] == served
+    # Pages of 1000, then 500, then 250 or fewer: never a request per row.
+    assert bread_emulator.stats.count("get_rollout_output") < 3 * 3000 / 125
+
+    tiny = make_client(max_body_bytes=1024)
+    with pytest.raises(AnswerTooLargeError, match="over the limit of 1,024 bytes"):
+        await tiny.export_rollout("t", repo_name="r", dest=tmp_path / "tiny")
 
 
 def test_no_api_key_in_any_export_file(bread_emulator: Emulator, tmp_path: Path) -> None:

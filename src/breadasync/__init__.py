@@ -9,6 +9,7 @@ Everything public is importable from here; each part loads on first use.
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from ._errors import (
+    AnswerTooLargeError,
     APIConnectionError,
     APIError,
     APIStatusError,
@@ -101,6 +102,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AiohttpTransport",
+    "AnswerTooLargeError",
     "AsCompleted",
     "AsyncBaseTransport",
     "AuthenticationError",

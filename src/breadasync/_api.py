@@ -8,7 +8,6 @@ on :class:`Api`, never on ``BreadClient``, so dependencies point one way: facade
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -79,6 +78,7 @@ class Api:
         poll_policy: The default poll spacing of waits and fan-outs.
         max_concurrency: The configured ceiling of requests in flight (the default
             concurrency of a fan-out).
+        extras: Added to every request (see :meth:`with_extras`).
     """
 
     def __init__(
@@ -88,21 +88,26 @@ class Api:
         user_id: str | None,
         poll_policy: PollPolicy,
         max_concurrency: int,
+        extras: Extras | None = None,
     ) -> None:
         self._transport = transport
         self.user_id = user_id
         self.poll_policy = poll_policy
         self.max_concurrency = max_concurrency
-        self._extras: Extras | None = None
+        self._extras = extras
 
     def with_extras(self, extras: Extras | None) -> Api:
         """This API, adding ``extras`` to every request (the same transport, limits and
         counters): what one SDK-style call with ``extra_*`` arguments works with."""
         if extras is None:
             return self
-        bound = copy.copy(self)
-        bound._extras = extras
-        return bound
+        return Api(
+            self._transport,
+            user_id=self.user_id,
+            poll_policy=self.poll_policy,
+            max_concurrency=self.max_concurrency,
+            extras=extras,
+        )
 
     @property
     def base_url(self) -> str:

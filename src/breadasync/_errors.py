@@ -216,6 +216,12 @@ class ProtocolError(APIError):
         self.retryable = retryable
 
 
+class AnswerTooLargeError(ProtocolError):
+    """The answer is larger than ``Limits.max_body_bytes`` (64 MiB by default); it was not
+    read to its end. An export or stream meeting one on an output page asks for fewer rows
+    a page instead (halving down to one row)."""
+
+
 class RedirectError(ProtocolError):
     """The service answered with a redirect. It is never followed, so the API key only
     ever goes to the configured origin.

@@ -38,6 +38,7 @@ from yarl import URL
 from ._clock import Clock, SystemClock, seconds_text
 from ._config import Limits, RetryPolicy, Timeouts
 from ._errors import (
+    AnswerTooLargeError,
     APIConnectionError,
     APIError,
     APIStatusError,
@@ -564,7 +565,7 @@ class Transport:
         return error
 
     def _too_large(self, method: str, shown: str, status: int, size: str) -> ProtocolError:
-        return ProtocolError(
+        return AnswerTooLargeError(
             f"{method} {shown} -> {status}: the answer is {size}, over the limit of "
             f"{self.limits.max_body_bytes:,} bytes (Limits.max_body_bytes); for output "
             "pages of large rows, ask for fewer rows a page (limit=, or page_size= to "

@@ -8,6 +8,7 @@ it, and a distributed reader could hand it one range.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ import anyio
 import pyarrow as pa
 from anyio.streams.memory import MemoryObjectSendStream
 
-from breadasync._errors import DataIntegrityError
+from breadasync._errors import AnswerTooLargeError, DataIntegrityError
 from breadasync._models import JobState, Origin, TargetRef, parse_page
 from breadasync._validation import target_path
 
@@ -24,6 +25,8 @@ from ._decode import DEFAULT_LIMITS, DecodeLimits, read_page_json
 from ._decode_process import DecodeProcesses
 from ._schema import ColumnMode, rows_to_batch
 from ._threads import run_to_end
+
+log = logging.getLogger("breadasync")
 
 if TYPE_CHECKING:
     from breadasync._api import Api
@@ -166,6 +169,7 @@ class RangeReader:
         self._columns = columns
         self._decode = functools.partial(decode_page, columns=columns, decoder=decoder)
         self._path = target_path(target.repo_name, target.target_name, "rollout", "output")
+        self._cap: int | None = None
         self.requests = 0
         """Page requests made (a short page costs one more)."""
 
@@ -217,18 +221,28 @@ class RangeReader:
         batches = []
         offset, end = page.offset, page.offset + page.limit
         while offset < end:
-            limit = end - offset
+            limit = end - offset if self._cap is None else min(end - offset, self._cap)
             async with self._bounds.undecoded:
                 # The limiter bounds attempts in flight, not pages waiting for a retry: a
                 # page held back by a backoff or a Retry-After leaves its slot to the pages
                 # beyond it. A body that is not JSON is fetched again, like a 5xx.
-                decoded, path = await self._client.get_decoded(
-                    self._path,
-                    {"limit": limit, "offset": offset},
-                    self._user_id,
-                    functools.partial(self._decode_body, offset, limit),
-                    self._bounds.requests,
-                )
+                try:
+                    decoded, path = await self._client.get_decoded(
+                        self._path,
+                        {"limit": limit, "offset": offset},
+                        self._user_id,
+                        functools.partial(self._decode_body, offset, limit),
+                        self._bounds.requests,
+                    )
+                except AnswerTooLargeError:
+                    # Rows of long traces make pages of 1000 rows bigger than the size limit:
+                    # fewer rows a page from here on (this target's), the rest as short pages.
+                    self.requests += 1
+                    if limit == 1:
+                        raise
+                    self._cap = limit // 2 if self._cap is None else min(self._cap, limit // 2)
+                    log.info("GET %s: over the size limit; %d rows a page", self._path, self._cap)
+                    continue
                 self.requests += 1
             self._check(decoded, path, offset)
             batches.append(decoded.batch)
