@@ -35,24 +35,28 @@ about (and tested on virtual time):
 
 * **Bad luck is not escalated** (:meth:`Governor.bad_luck`): a request's failures in a row
   that are likely at the client's recent failure share are retried at the first, short
-  wait, not a doubled one; the budget bounds what they add.
+  wait, not a doubled one; the budget bounds what they add. A burst of failures among the
+  latest answers is not bad luck but an outage starting: its calls back off as usual, so
+  they outlast it.
 
 ``Retry-After`` is not here: it delays only the request that received it (see
 :mod:`breadasync._transport`).
 
 Bounds (``tests/test_transport_governor.py``, virtual time, seeded): 64 callers against
 10 s of 503 send at most 250 requests then (183 measured); within 4 s of a total outage
-the pace is ``MIN_RATE``, and after it 35% of the earlier rate in the first second, 90% in
+the pace is ``MIN_RATE``, and after it 30% of the earlier rate in the first second, 90% in
 the next. Under an unknown limit of R = 50, 300 or 1000/s (bucket R/10): >= 0.95 R
 accepted from 5 s on, < 3% throttled; a one-token bucket behind 1 ms of jitter: 0.85 R,
 0.7 R, 0.45 R, < 5% throttled; 1% of 429s at random never pace it; a limit dropping from
 300 to 100 is followed within 2 s, one rising from 100 to 300 found within 5 s. A GET
-failing 4 times in a row among 15% flaky answers is retried within 0.36 s in all.
+failing 4 times in a row among 15% flaky answers is retried within 0.36 s in all; an
+outage of 0.5-3 s whose failures come back at once costs no call.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -430,13 +434,22 @@ class Governor:
 
     def bad_luck(self, failures: int) -> bool:
         """Whether one request's ``failures`` in a row are likely bad luck: no overload, at
-        least ``OVERLOAD_MIN_ANSWERS`` recent answers, and at their failure share ``p``,
+        least ``OVERLOAD_MIN_ANSWERS`` recent answers, not a burst of failures among the
+        latest ``OVERLOAD_MIN_ANSWERS``, and at the recent failure share ``p``,
         ``p**failures >= BAD_LUCK``."""
         self._record_expire(self._clock.now())
-        if self.cubic.overloaded or len(self._answers) < OVERLOAD_MIN_ANSWERS:
+        answers = self._answers
+        if self.cubic.overloaded or len(answers) < OVERLOAD_MIN_ANSWERS:
             return False
-        share = self._bad / len(self._answers)
-        return share < OVERLOAD_SHARE and share**failures >= BAD_LUCK
+        share = self._bad / len(answers)
+        if share >= OVERLOAD_SHARE or share**failures < BAD_LUCK:
+            return False
+        # An outage that starts after a run of successes raises the share only as fast as
+        # its failures come back, which instant ones (a refused connection, a proxy's own
+        # 502) do in a burst: by the share alone, a request would spend all its retries
+        # in a fraction of a second. The latest answers tell a burst from scattered bad luck.
+        latest = itertools.islice(reversed(answers), OVERLOAD_MIN_ANSWERS)
+        return sum(bad for _, bad in latest) < OVERLOAD_SHARE * OVERLOAD_MIN_ANSWERS
 
     def sent_rate(self, now: float) -> float:
         """Requests per second sent over the last ``SEND_WINDOW`` seconds."""
