@@ -12,6 +12,7 @@ export finally completes and is checked row by row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -25,7 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from breadasync import BreadClient, RetryPolicy
+from breadasync import BreadClient, BreadError, RetryPolicy
 from breadasync.emulator import Emulator, Faults
 from breadasync.export import batch_to_rows
 from breadasync.export._threads import running
@@ -218,3 +219,40 @@ async def test_a_cancel_during_a_part_commit_leaves_it_journaled(
 
 async def _cancel(task: asyncio.Task[object]) -> None:
     task.cancel()
+
+
+async def _stale_cancel_request() -> None:
+    """Leave the current task with a cancellation request it caught without ``uncancel()``
+    (as Python 3.11's TaskGroup does after a failed child)."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(1)
+    assert task.cancelling() == 1
+
+
+@pytest.mark.parametrize("entry", ["export_rollout", "export_many", "iter_rollout_batches"])
+async def test_a_stale_cancel_request_does_not_hide_the_error(
+    bread_emulator: Emulator, tmp_path: Path, entry: str
+) -> None:
+    """A caller whose task still counts a cancellation it caught gets the export's own
+    error, not a ``CancelledError`` it never asked for; a real timeout is still one."""
+    for name in MANY:
+        bread_emulator.add_target("r", name, rows=ROWS, rollout="complete")
+    bread_emulator.add_target("r", "t", rows=ROWS, rollout="complete")
+    output = frozenset({"get_rollout_output"})
+    bread_emulator.set_faults(Faults(corrupt=1.0, corrupt_kind="overlong", routes=output))
+    await _stale_cancel_request()
+    async with BreadClient(bread_emulator.api_key, bread_emulator.url, retry=ROBUST) as client:
+        if entry == "export_many":
+            results = await _call(client, entry, tmp_path / "out")
+            errors = [type(result.error).__name__ for result in results]  # type: ignore[attr-defined]
+            assert errors == ["DataIntegrityError"] * len(MANY)
+        else:
+            with pytest.raises(BreadError, match="sent more rows than a page may hold"):
+                await _call(client, entry, tmp_path / "out")
+        bread_emulator.set_faults(Faults(latency=5, routes=output))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await _call(client, entry, tmp_path / "slow")

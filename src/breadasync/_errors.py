@@ -38,6 +38,7 @@ texts and bodies are scrubbed of it before they are stored.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -357,6 +358,15 @@ class DataIntegrityError(ExportError):
     """The service's pages do not add up to an exact export: a page longer than asked, no
     rows where ``lines`` says there are some, ``lines`` changing on a complete job, or a
     final count that differs from ``lines``."""
+
+
+def cancel_requests() -> int:
+    """The current task's pending cancellation requests (asyncio's ``cancelling()``; 0
+    outside a task). A call compares it with the count at its start: a count left over
+    from a cancellation the caller caught without ``uncancel()`` (Python 3.11's TaskGroup
+    leaves one too) is not a request to stop this call."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

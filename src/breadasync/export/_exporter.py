@@ -23,7 +23,13 @@ import anyio
 import pyarrow as pa
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from breadasync._errors import BreadError, DataIntegrityError, UnfinishedJobError, first_error
+from breadasync._errors import (
+    BreadError,
+    DataIntegrityError,
+    UnfinishedJobError,
+    cancel_requests,
+    first_error,
+)
 from breadasync._models import JobState, JobStatus, TargetRef, parse_page
 from breadasync._validation import target_path
 from breadasync._version import __version__
@@ -106,15 +112,15 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
-def reraise(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+def reraise(group: BaseExceptionGroup[BaseException], cancels_before: int) -> NoReturn:
     """Raise what a failed task group means to the caller: a cancellation of the caller
-    stays exactly a cancellation (``asyncio.timeout`` and ``wait_for`` turn it into
-    ``TimeoutError``), never a group of the streams it broke on its way out; otherwise
-    the first :class:`BreadError`."""
-    task = asyncio.current_task()
+    (a request since the call began, when it counted ``cancels_before``) stays exactly a
+    cancellation (``asyncio.timeout`` and ``wait_for`` turn it into ``TimeoutError``),
+    never a group of the streams it broke on its way out; otherwise the first
+    :class:`BreadError`."""
     leaves = _leaves(group)
     cancelled = next((e for e in leaves if isinstance(e, asyncio.CancelledError)), None)
-    if (task is not None and task.cancelling()) or (
+    if cancel_requests() > cancels_before or (
         cancelled is not None and all(isinstance(e, _CONSEQUENCES) for e in leaves)
     ):
         raise cancelled or asyncio.CancelledError()
@@ -309,6 +315,7 @@ class Exporter:
         """Export one target into ``dest`` (a path, a URI, a (filesystem, path) pair or a
         :class:`Destination`)."""
         started = time.monotonic()
+        cancels = cancel_requests()
         retries0 = self._client.stats.retries
         # Before any request: an unknown scheme or a malformed URI fails here.
         store = await in_thread(resolve_destination, dest)
@@ -335,7 +342,7 @@ class Exporter:
                     written = await self._write_parts(store, plan, todo, reader, progress)
             except BaseExceptionGroup as group:
                 try:
-                    reraise(group)
+                    reraise(group, cancels)
                 except DataIntegrityError:
                     # A page that no longer fits may be a re-run job: say so, naming both.
                     await self.check_job(plan, shown, final=False)

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import anyio
 
-from breadasync._errors import BreadError
+from breadasync._errors import BreadError, cancel_requests
 from breadasync._models import TargetLike, TargetRef, normalise_targets
 from breadasync._validation import check_int
 
@@ -41,6 +41,7 @@ async def export_many(
     target_concurrency: int,
 ) -> ExportResults:
     """Export many targets into one Hive-style dataset folder or prefix."""
+    cancels = cancel_requests()
     refs = normalise_targets(targets, repo_name)
     check_int(target_concurrency, "target_concurrency", 1)
     root = await in_thread(resolve_destination, dest)
@@ -65,5 +66,5 @@ async def export_many(
             for ref in unique:
                 tg.start_soon(one, ref)
     except BaseExceptionGroup as group:
-        reraise(group)  # a cancellation stays exactly that
+        reraise(group, cancels)  # a cancellation stays exactly that
     return ExportResults([results[ref] for ref in refs])

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from breadasync._errors import first_error
+from breadasync._errors import cancel_requests, first_error
 from breadasync._models import TargetRef
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class BatchStream:
         self._make = exporter
         self._load = load
         self._exporter: Exporter | None = None
+        self._cancels = 0
         self._receive: MemoryObjectReceiveStream[tuple[Page, list[pa.RecordBatch]]] | None = None
         self._group: TaskGroup | None = None
         self._scope = anyio.CancelScope()
@@ -69,6 +70,7 @@ class BatchStream:
         if self._entered:
             raise RuntimeError("a batch stream is entered once; call iter_rollout_batches again")
         self._entered = True
+        self._cancels = cancel_requests()
         await self._load()
         from ._exporter import pages_of
         from ._plan import Part
@@ -157,4 +159,4 @@ class BatchStream:
         except BaseExceptionGroup as failed:
             from ._exporter import reraise
 
-            reraise(failed)
+            reraise(failed, self._cancels)
