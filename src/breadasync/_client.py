@@ -63,7 +63,8 @@ class BreadClient:
         base_url: Defaults to ``BREAD_BASE_URL``, then ``https://bapi.bread.com.ai``. Plain
             http is refused for hosts that are not loopback unless ``allow_insecure_http``.
         timeout: Seconds for one attempt, or a :class:`Timeouts` (connect 5 s, read 60 s,
-            attempt 120 s, 600 s across retries by default).
+            attempt 120 s, 600 s across retries by default); ``None``: no bound; an
+            ``httpx.Timeout`` sets connect and read, as in the SDK.
         max_retries: Retries of a failed request (default 5); see :class:`RetryPolicy`.
         max_concurrency: Requests in flight at once (default 64). The client also paces
             itself after a 429 or under overload, and recovers after.

@@ -2,7 +2,10 @@
 
 Names and argument shapes are the official SDK's (``aibread``): ``repo_name`` may be passed
 positionally where the SDK takes it so (``targets.list("repo")``, ``targets.create("repo",
-...)``), by keyword everywhere. Each resource talks to the API layer (:class:`Api`); waits go
+...)``), by keyword everywhere. Every method also takes the SDK's per-call ``x_user_id`` (the
+same as ``user_id``), ``extra_headers``, ``extra_query`` and ``extra_body``: added to every
+request of the call (a run's polls too), winning over its own values, never over the key,
+user or idempotency headers. Each resource talks to the API layer (:class:`Api`); waits go
 through the one watch engine (``_fanout.watch``).
 """
 
@@ -201,8 +204,12 @@ class _Jobs:
             poll_policy: Poll spacing for this call (default: the client's).
             raise_on_failure: Raise :class:`JobFailedError` for a job that failed (or stopped
                 otherwise: ``cancelled``...) instead of returning its status.
-            user_id: Act for this user on every request of the call, polls included.
-            timeout: Per-request timeout (not the wait: see ``poll_timeout``).
+            user_id: Act for this user on every request of the call, polls included
+                (``x_user_id`` is the same, by the SDK's name).
+            timeout: Per-request timeout (not the wait: see ``poll_timeout``); ``None``:
+                no bound.
+            extra_headers, extra_query, extra_body: Added to every request of the call,
+                as in the SDK.
             idempotency_key: The POST's ``Idempotency-Key`` (default: a fresh one, reused by
                 the POST's own retries).
 
