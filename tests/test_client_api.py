@@ -434,9 +434,17 @@ async def test_the_sdks_per_call_and_client_options_reach_the_service() -> None:
                 timeout=HttpxLikeTimeout(),
             )
             await client.targets.rollout.run("t", repo_name="r", poll=False)
+            await client.request("GET", "/v1/repo/r/targets/t/rollout?page=2")
+            await client.targets.create(
+                "r", target_name="t", extra_headers={"content-type": "application/x.bread+json"}
+            )
 
     await main()
-    get, create, run = seen
+    get, create, run, raw, typed = seen
+    assert raw.path == "/v1/repo/r/targets/t/rollout?page=2&region=eu"
+    assert [v for k, v in typed.headers.items() if k.lower() == "content-type"] == [
+        "application/x.bread+json"
+    ]
     assert get.headers["X-User-Id"] == "alice"
     assert (get.headers["X-Trace"], get.headers["X-Team"]) == ("42", "ml")
     assert get.path == "/v1/repo/r/targets/t/rollout?region=eu&verbose=1"

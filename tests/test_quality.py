@@ -7,8 +7,11 @@ import importlib
 import inspect
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
+import anyio
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,3 +332,47 @@ def test_the_first_export_loads_pyarrow_off_the_event_loop(script: str) -> None:
     assert script != FIRST_EXPORT or "export_rollout" in script
     assert script != FIRST_STREAM or "iter_rollout_batches" in script
     assert _in_fresh_python(script) == "[False]"
+
+
+async def test_an_export_started_while_the_exporter_loads_waits_for_it_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A module is in ``sys.modules`` from the moment its import begins: a second export
+    started then must not take that as loaded, and import it (waiting on the first
+    import's lock) on the event loop. The import here is a stand-in held open by a test."""
+    from breadasync import _client
+
+    name = "breadasync_exporter_stand_in"
+    release = threading.Event()
+    in_main_thread: list[bool] = []
+
+    def slow_import(module: str) -> None:
+        assert module == name
+        sys.modules.setdefault(name, types.ModuleType(name))  # as an import in progress
+        in_main_thread.append(threading.current_thread() is threading.main_thread())
+        release.wait()
+
+    monkeypatch.setattr(_client, "_EXPORTER", name)
+    monkeypatch.setattr(_client, "_EXPORTER_LOADED", threading.Event())
+    monkeypatch.setattr(_client, "importlib", types.SimpleNamespace(import_module=slow_import))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    done: list[str] = []
+
+    async def load(label: str) -> None:
+        await _client._load_exporter()
+        done.append(label)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            try:
+                tg.start_soon(load, "first")
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(load, "second")
+                await anyio.wait_all_tasks_blocked()
+                assert done == []  # neither took the import in progress as done
+            finally:
+                release.set()  # the imports' threads cannot be cancelled: let them end
+    finally:
+        sys.modules.pop(name, None)
+    assert sorted(done) == ["first", "second"]
+    assert in_main_thread == [False, False]  # both imports ran in worker threads

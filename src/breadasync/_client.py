@@ -9,7 +9,7 @@ the official SDK's, so code moves over by adding ``await``.
 from __future__ import annotations
 
 import importlib
-import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -535,10 +535,15 @@ class BreadClient:
 
 
 _EXPORTER: Final = "breadasync.export._exporter"
+_EXPORTER_LOADED: Final = threading.Event()
+"""Set once the exporter's import has finished: a module appears in ``sys.modules`` as its
+import begins, so a second export started meanwhile would wait for it on the loop."""
 
 
 async def _load_exporter() -> None:
     """Import the exporter (and pyarrow: 0.3-0.7 s the first time) in a worker thread, so a
-    process's first export does not hold its event loop for that long."""
-    if _EXPORTER not in sys.modules:
+    process's first export does not hold its event loop for that long (nor one started
+    while that import runs: it waits in a thread too)."""
+    if not _EXPORTER_LOADED.is_set():
         await anyio.to_thread.run_sync(importlib.import_module, _EXPORTER)
+        _EXPORTER_LOADED.set()

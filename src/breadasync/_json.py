@@ -36,24 +36,32 @@ _BROKEN: Final = (
     "Input is a zero-length",
     "unexpected content after document",
     "invalid literal",
-    # Bytes that are not UTF-8: JSON text is UTF-8, and a body cut inside a character of
-    # several bytes ends this way. A lone surrogate escape (``"\\ud800"``) is another message.
-    "str is not valid UTF-8",
 )
+_CUT_SHORT: Final = ("Unterminated string", "Extra data")
+"""Python's parser's refusals of a text that ends too soon, or goes on after its end."""
 
 
 def is_broken_text(exc: ValueError, data: bytes | str) -> bool:
     """Whether a parser's refusal says the text is not JSON at all (cut short, even inside
     a character of several bytes; an error page in its place; garbage), which another try
     may mend, rather than JSON the client refuses whatever the try (NaN, a lone surrogate
-    escape, a byte-order mark, a number beyond a double).
+    escape, a byte-order mark, a number beyond a double, bytes that are not UTF-8 within
+    the text, a control character).
 
     ``exc`` is orjson's error, or Python's parser's for a text orjson stopped reading at a
     number beyond a double's range."""
+    if isinstance(exc, UnicodeDecodeError):
+        return _cut_in_a_character(data)
     if not isinstance(exc, orjson.JSONDecodeError):
-        # Python's parser: a syntax error, or bytes that are not UTF-8. NaN and integers
-        # past its digit limit are plain ValueErrors.
-        return isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError))
+        # Python's parser: only a text that ends too soon (or runs on) may be mended; NaN,
+        # integers past its digit limit, control characters and bad escapes are not.
+        if not isinstance(exc, json.JSONDecodeError):
+            return False
+        return exc.msg.startswith(_CUT_SHORT) or exc.pos >= len(exc.doc.rstrip())
+    if exc.msg.startswith("str is not valid UTF-8"):
+        # orjson says so for a body cut inside a character of several bytes, and for one
+        # with bytes that are not UTF-8 within it (a server's bug, the same on every try).
+        return _cut_in_a_character(data)
     if exc.msg.startswith(_BROKEN):
         return True
     if exc.msg.startswith(("unexpected character", "no digit after sign")):
@@ -62,6 +70,17 @@ def is_broken_text(exc: ValueError, data: bytes | str) -> bool:
         # A NaN or Infinity token where a value belongs is JSON refused, not a broken text.
         start = exc.pos - 1 if exc.msg.startswith("no digit") else exc.pos
         return _NON_FINITE.match(text, max(0, start)) is None
+    return False
+
+
+def _cut_in_a_character(data: bytes | str) -> bool:
+    """Whether ``data``'s only fault as UTF-8 is a character cut at its end."""
+    if isinstance(data, str):
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.reason == "unexpected end of data"
     return False
 
 

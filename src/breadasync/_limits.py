@@ -51,6 +51,10 @@ accepted from 5 s on, < 3% throttled; a one-token bucket behind 1 ms of jitter: 
 300 to 100 is followed within 2 s, one rising from 100 to 300 found within 5 s. A GET
 failing 4 times in a row among 15% flaky answers is retried within 0.36 s in all; an
 outage of 0.5-3 s whose failures come back at once costs no call.
+
+Why it is long: the pace, the overload state, the retry budget and the bad-luck rule read
+one window of answers and one CUBIC state, in one decision per attempt; split, each part
+would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -444,10 +448,9 @@ class Governor:
         share = self._bad / len(answers)
         if share >= OVERLOAD_SHARE or share**failures < BAD_LUCK:
             return False
-        # An outage that starts after a run of successes raises the share only as fast as
-        # its failures come back, which instant ones (a refused connection, a proxy's own
-        # 502) do in a burst: by the share alone, a request would spend all its retries
-        # in a fraction of a second. The latest answers tell a burst from scattered bad luck.
+        # An outage starting after successes raises the share only as fast as its failures
+        # come back: instant ones (a refused connection, a proxy's 502) would let a request
+        # spend its retries in a fraction of a second. The latest answers tell a burst.
         latest = itertools.islice(reversed(answers), OVERLOAD_MIN_ANSWERS)
         return sum(bad for _, bad in latest) < OVERLOAD_SHARE * OVERLOAD_MIN_ANSWERS
 

@@ -273,7 +273,8 @@ class Transport:
         if self._default_query:
             params = {**self._default_query, **(params or {})}
         if params:
-            shown = f"{path}?{urlencode(params)}"
+            # A path given with a query of its own (``request("GET", "/x?page=2")``) keeps it.
+            shown = f"{path}{'&' if '?' in path else '?'}{urlencode(params)}"
         return URL(self._base + shown, encoded=True), shown
 
     # --- one request, with retries ------------------------------------------------------
@@ -335,7 +336,7 @@ class Transport:
             # One key per call, reused by its retries, so a repeat is recognised as such.
             headers["Idempotency-Key"] = idempotency_key or f"breadasync-{uuid.uuid4()}"
             data = b"" if json_body is None else orjson.dumps(json_body)
-            if json_body is not None:
+            if json_body is not None and not any(k.lower() == "content-type" for k in headers):
                 headers["Content-Type"] = "application/json"
         clock = self._clock
         deadline = math.inf if timeouts.total is None else clock.now() + timeouts.total
