@@ -312,6 +312,31 @@ async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
         assert batch_to_rows(pq.read_table(tmp_path)) == emulator.trajectories("r", "t", 0, 250)
 
 
+async def test_a_rerun_of_a_job_named_only_while_it_runs_is_caught_by_its_first_rows(
+    client_of: Callable[[Emulator], BreadClient], tmp_path: Path
+) -> None:
+    """The export began on a running job that had an id; the re-run completes without one
+    (pages and status name no job): no two ids to compare, so its first rows tell."""
+    emulator = Emulator(speed=0)
+    with EmulatorThread(emulator):
+        plan = TargetPlan(stimuli=1000, rollout_seconds=100, final_job_id=False)
+        emulator.add_target("r", "t", plan=plan)
+        client = client_of(emulator)
+        await client.targets.rollout.run("t", repo_name="r", poll=False)
+        emulator.clock.advance(25)
+        with pytest.raises(DataIntegrityError, match="rows of two jobs must not be mixed"):
+            await client.export_rollout(
+                "t",
+                repo_name="r",
+                dest=tmp_path,
+                allow_partial=True,
+                on_progress=after_rows(100, lambda: emulator.rerun("r", "t")),
+                **OPTIONS,
+            )
+        assert (await client.targets.rollout.get("t", repo_name="r")).job_id is None
+        assert not (tmp_path / "_manifest.parquet").exists()
+
+
 @pytest.mark.parametrize(
     "plan",
     [

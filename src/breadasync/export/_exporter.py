@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -227,9 +228,10 @@ class Exporter:
         return plan, job
 
     async def _identify(self, target: TargetRef, job: JobStatus, lines: int) -> JobIdentity:
-        """The job's identity; without a ``job_id``, one more small page request for the
-        fingerprint of its first rows."""
-        if job.job_id is not None:
+        """The job's identity; without a ``job_id``, or for a job not complete (a service
+        may name a job only while it runs, so a later read may not), one more small page
+        request for the fingerprint of its first rows."""
+        if job.job_id is not None and job.is_complete:
             return JobIdentity.of(job.job_id, job.config)
         wanted = min(FINGERPRINT_ROWS, lines)
         rows: list[dict[str, Any]] = []
@@ -257,10 +259,17 @@ class Exporter:
             return
         if not known.same_status(job.job_id, job.config):
             raise _job_changed(plan, job, JobIdentity.of(job.job_id, job.config), dest)
-        if final and known.job_id is None and job.lines is not None:
-            now = await self._identify(target, job, min(plan.lines, job.lines))
-            if now != known:
-                raise _job_changed(plan, job, now, dest)
+        if (
+            final
+            and (known.job_id is None or job.job_id is None)
+            and known.first_rows is not None
+            and job.lines is not None
+        ):
+            # No two ids to compare: the first rows tell a re-run with the same config.
+            rows = min(plan.lines, job.lines)
+            now = await self._identify(target, replace(job, job_id=None), rows)
+            if now.first_rows != known.first_rows:
+                raise _job_changed(plan, job, replace(now, job_id=job.job_id), dest)
         if (
             final
             and plan.status == JobState.COMPLETE

@@ -38,8 +38,8 @@ class JobIdentity:
     Attributes:
         job_id: The service's job id, or ``None``.
         config: A digest of the job's config.
-        first_rows: A digest of the first :data:`FINGERPRINT_ROWS` rows (only without a
-            ``job_id``; ``None`` for a job without rows).
+        first_rows: A digest of the first :data:`FINGERPRINT_ROWS` rows (without a
+            ``job_id``, or for a job not complete; ``None`` for a job without rows).
         model: The config's ``model_name``, to name the job in messages.
     """
 
@@ -66,7 +66,8 @@ class JobIdentity:
 
     def same_status(self, job_id: int | str | None, config: Mapping[str, Any]) -> bool:
         """Whether a status read still shows this job: its id when both reads give one,
-        else its config (a service may name a job only while it runs)."""
+        else its config (a service may name a job only while it runs; the exporter then
+        compares the first rows too)."""
         if self.job_id is not None and job_id is not None:
             return job_id == self.job_id
         return _digest(dict(config)) == self.config
