@@ -703,6 +703,59 @@ async def test_pages_over_the_size_limit_are_asked_for_with_fewer_rows(
         await tiny.export_rollout("t", repo_name="r", dest=tmp_path / "tiny")
 
 
+class LongRows(Emulator):
+    """Rows with ``extra_values`` list items each, and row 1 with a string of ``big_row``
+    bytes: pages over the decoder's count of values, or one page over 64 MiB."""
+
+    def __init__(self, *, extra_values: int = 0, big_row: int = 0) -> None:
+        super().__init__(speed=0)
+        self.extra_values, self.big_row = extra_values, big_row
+
+    def _rows(self, kind: str, state: Any, offset: int, count: int) -> bytes:
+        rows = orjson.loads(super()._rows(kind, state, offset, count))
+        for i, row in enumerate(rows, offset):
+            if self.extra_values:
+                row["scores"] = list(range(self.extra_values))
+            if self.big_row and i == 1:
+                row["trace"] = "x" * self.big_row
+        return orjson.dumps(rows)
+
+    def served(self) -> list[dict[str, Any]]:
+        rows = self.trajectories("r", "t")
+        return orjson.loads(self._rows("rollout", self._repos["r"]["t"], 0, len(rows)))
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["threads", "child"])
+async def test_pages_over_the_decoders_count_of_values_are_asked_for_with_fewer_rows(
+    tmp_path: Path, processes: int
+) -> None:
+    """1000 rows of 600 list items each are 600,000 values, over the decoder's 500,000: the
+    export asks for fewer rows a page, in threads and in a child, and gives every row."""
+    emulator = LongRows(extra_values=600)
+    with EmulatorThread(emulator):
+        emulator.add_target("r", "t", rows=2000, rollout="complete")
+        async with BreadClient(emulator.api_key, emulator.url) as client:
+            result = await client.export_rollout(
+                "t", repo_name="r", dest=tmp_path, decode_processes=processes
+            )
+        assert result.rows == 2000
+        assert read_rows(tmp_path) == emulator.served()
+
+
+async def test_a_page_over_64_mib_is_read_when_the_client_allows_it(tmp_path: Path) -> None:
+    """``max_body_bytes`` raised past 64 MiB holds for the decoder too, not only the read."""
+    emulator = LongRows(big_row=66 * 1024 * 1024)
+    with EmulatorThread(emulator):
+        emulator.add_target("r", "t", rows=10, rollout="complete")
+        limit = 80 * 1024 * 1024
+        async with BreadClient(emulator.api_key, emulator.url, max_body_bytes=limit) as client:
+            result = await client.export_rollout(
+                "t", repo_name="r", dest=tmp_path, decode_processes=0
+            )
+        assert result.rows == 10
+        assert read_rows(tmp_path) == emulator.served()
+
+
 def test_no_api_key_in_any_export_file(bread_emulator: Emulator, tmp_path: Path) -> None:
     bread_emulator.add_target("r", "t", rows=2000, rollout="complete")
 

@@ -115,6 +115,11 @@ class Api:
         return self._transport.base_url
 
     @property
+    def max_body_bytes(self) -> int:
+        """The largest answer the client reads (``Limits.max_body_bytes``)."""
+        return self._transport.limits.max_body_bytes
+
+    @property
     def stats(self) -> ClientStats:
         """A snapshot of the transport's counters."""
         return self._transport.stats()

@@ -68,7 +68,8 @@ class Timeouts:
     def of(cls, value: float | Timeouts | TimeoutLike | None) -> Timeouts:
         """A :class:`Timeouts` from a number of seconds (one attempt), ``None`` (no bound at
         all, as the SDK's ``timeout=None``), an ``httpx.Timeout`` (its ``connect`` and
-        ``read``; as there, nothing bounds a whole attempt) or a :class:`Timeouts`."""
+        ``read``; as there, nothing bounds one attempt, but the call keeps its ``total``) or
+        a :class:`Timeouts`."""
         if isinstance(value, Timeouts):
             return value
         if value is None:
@@ -81,7 +82,7 @@ class Timeouts:
                 "timeout must be a positive number of seconds, None (no bound), a Timeouts "
                 f"or an httpx.Timeout, not {type(value).__name__}"
             )
-        return cls(connect=value.connect, read=value.read, request=None, total=None)
+        return cls(connect=value.connect, read=value.read, request=None)
 
 
 class TimeoutLike(Protocol):

@@ -24,7 +24,7 @@ from typing import Any, Final, NoReturn
 
 import orjson
 
-from breadasync._errors import ProtocolError
+from breadasync._errors import AnswerTooLargeError, ProtocolError
 from breadasync._json import has_long_digits, is_broken_text, loads_exact, refuse_constant
 
 __all__ = ["DEFAULT_LIMITS", "DecodeLimits", "dumps_exact", "loads_exact", "read_page_json"]
@@ -66,9 +66,15 @@ class _Where:
     path: str
     status: int
 
-    def fail(self, problem: str, body: bytes = b"", *, retryable: bool = False) -> NoReturn:
+    def too_many(self, limits: DecodeLimits) -> NoReturn:
+        self.fail(f"larger than {limits.max_values:,} keys and list items", too_large=True)
+
+    def fail(
+        self, problem: str, body: bytes = b"", *, retryable: bool = False, too_large: bool = False
+    ) -> NoReturn:
         excerpt = body[:40].decode("utf-8", "replace")
-        raise ProtocolError(
+        # Too large: a page of fewer rows may pass, and the reader asks for one.
+        raise (AnswerTooLargeError if too_large else ProtocolError)(
             f"{self.method} {self.path} -> {self.status}: the answer is {problem}",
             method=self.method,
             path=self.path,
@@ -125,7 +131,7 @@ def _walk(value: list[Any] | dict[str, Any], depth: int, budget: _Budget, row: i
         _refuse_row(budget, row, f"nested too deeply (over {budget.limits.max_depth} levels)")
     budget.left -= len(value)
     if budget.left < 0:
-        budget.where.fail(f"larger than {budget.limits.max_values:,} keys and list items")
+        budget.where.too_many(budget.limits)
     children: Any = value
     if type(value) is dict:
         budget.keys += len(value)
@@ -198,7 +204,10 @@ def read_page_json(
     """
     where = _Where(method, path, status)
     if len(body) > limits.max_body_bytes:
-        where.fail(f"refused: {len(body):,} bytes, over the limit of {limits.max_body_bytes:,}")
+        where.fail(
+            f"refused: {len(body):,} bytes, over the limit of {limits.max_body_bytes:,}",
+            too_large=True,
+        )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -225,14 +234,14 @@ def read_page_json(
             if value is rows and kind is list:
                 budget.left -= len(rows)
                 if budget.left < 0:
-                    where.fail(f"larger than {limits.max_values:,} keys and list items")
+                    where.too_many(limits)
                 for i, row in enumerate(rows):
                     if type(row) is dict:
                         # A row's own level inline: most rows hold no containers at all.
                         budget.keys += len(row)
                         budget.left -= len(row)
                         if budget.left < 0:
-                            where.fail(f"larger than {limits.max_values:,} keys and list items")
+                            where.too_many(limits)
                         for child in row.values():
                             kind = type(child)
                             if kind is dict or kind is list:

@@ -30,7 +30,7 @@ except ImportError:  # not on Windows
 
 import pyarrow as pa
 
-from breadasync._errors import DataIntegrityError, ProtocolError
+from breadasync._errors import AnswerTooLargeError, DataIntegrityError, ProtocolError
 
 from ._decode import DEFAULT_LIMITS, DecodeLimits
 
@@ -150,8 +150,8 @@ class _Child:
         name, message, excerpt, retryable = json.loads(head)
         if name == "DataIntegrityError":
             raise DataIntegrityError(message)
-        if name == "ProtocolError":
-            raise ProtocolError(
+        if name in ("ProtocolError", "AnswerTooLargeError"):
+            raise (AnswerTooLargeError if name == "AnswerTooLargeError" else ProtocolError)(
                 message,
                 method=method,
                 path=path,

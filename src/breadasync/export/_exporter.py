@@ -36,6 +36,7 @@ from breadasync._validation import target_path
 from breadasync._version import __version__
 
 from ._commit import PartWriter, commit, in_mode, reconcile
+from ._decode import DecodeLimits
 from ._decode_process import PIPELINE_DEPTH, DecodeProcesses
 from ._dest import Destination, DestinationLike, resolve_destination
 from ._options import (
@@ -294,7 +295,10 @@ class Exporter:
             yield
             return
         if self._decoder is None:
-            self._decoder = DecodeProcesses(self._options.decode_processes)
+            self._decoder = DecodeProcesses(
+                self._options.decode_processes,
+                limits=DecodeLimits(max_body_bytes=self._client.max_body_bytes),
+            )
         self._decoder_users += 1
         try:
             yield

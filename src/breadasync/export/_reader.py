@@ -167,7 +167,11 @@ class RangeReader:
         self._window = window
         self._user_id = user_id
         self._columns = columns
-        self._decode = functools.partial(decode_page, columns=columns, decoder=decoder)
+        # The decoder accepts what the client reads (its max_body_bytes, not the default).
+        limits = DecodeLimits(max_body_bytes=client.max_body_bytes)
+        self._decode = functools.partial(
+            decode_page, columns=columns, decoder=decoder, limits=limits
+        )
         self._path = target_path(target.repo_name, target.target_name, "rollout", "output")
         self._cap: int | None = None
         self.requests = 0
@@ -234,11 +238,12 @@ class RangeReader:
                         functools.partial(self._decode_body, offset, limit),
                         self._bounds.requests,
                     )
-                except AnswerTooLargeError:
-                    # Rows of long traces make pages of 1000 rows bigger than the size limit:
-                    # fewer rows a page from here on (this target's), the rest as short pages.
+                except AnswerTooLargeError as exc:
+                    # Rows of long traces make pages of 1000 rows bigger than the size limit
+                    # (or its count of values): fewer rows a page from here on (this
+                    # target's), the rest as short pages. An error page that large is no page.
                     self.requests += 1
-                    if limit == 1:
+                    if limit == 1 or not 200 <= exc.status < 300:
                         raise
                     self._cap = limit // 2 if self._cap is None else min(self._cap, limit // 2)
                     log.info("GET %s: over the size limit; %d rows a page", self._path, self._cap)
