@@ -284,6 +284,19 @@ async def test_without_job_ids_config_and_first_rows_identify_the_job(
         )
 
 
+async def running_on_a_service_naming_it_only_then(
+    emulator: Emulator, client_of: Callable[[Emulator], BreadClient]
+) -> BreadClient:
+    """A client of ``emulator``, whose r/t rollout is 25 s into a run of 100 s and named by
+    a ``job_id`` only while it runs."""
+    plan = TargetPlan(stimuli=1000, rollout_seconds=100, final_job_id=False)
+    emulator.add_target("r", "t", plan=plan)
+    client = client_of(emulator)
+    await client.targets.rollout.run("t", repo_name="r", poll=False)
+    emulator.clock.advance(25)
+    return client
+
+
 async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
     client_of: Callable[[Emulator], BreadClient], tmp_path: Path
 ) -> None:
@@ -293,11 +306,7 @@ async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
     job (its config is the same)."""
     emulator = Emulator(speed=0)
     with EmulatorThread(emulator):
-        plan = TargetPlan(stimuli=1000, rollout_seconds=100, final_job_id=False)
-        emulator.add_target("r", "t", plan=plan)
-        client = client_of(emulator)
-        await client.targets.rollout.run("t", repo_name="r", poll=False)
-        emulator.clock.advance(25)
+        client = await running_on_a_service_naming_it_only_then(emulator, client_of)
         assert (await client.targets.rollout.get("t", repo_name="r")).job_id is not None
         result = await client.export_rollout(
             "t",
@@ -319,11 +328,7 @@ async def test_a_rerun_of_a_job_named_only_while_it_runs_is_caught_by_its_first_
     (pages and status name no job): no two ids to compare, so its first rows tell."""
     emulator = Emulator(speed=0)
     with EmulatorThread(emulator):
-        plan = TargetPlan(stimuli=1000, rollout_seconds=100, final_job_id=False)
-        emulator.add_target("r", "t", plan=plan)
-        client = client_of(emulator)
-        await client.targets.rollout.run("t", repo_name="r", poll=False)
-        emulator.clock.advance(25)
+        client = await running_on_a_service_naming_it_only_then(emulator, client_of)
         with pytest.raises(DataIntegrityError, match="rows of two jobs must not be mixed"):
             await client.export_rollout(
                 "t",
