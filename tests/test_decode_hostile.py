@@ -199,8 +199,9 @@ def test_random_hostile_bodies_never_kill_the_decoder(
         (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":"cut sh', True),
         (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":[1,', True),
         (HEAD + b'[{"n":1' + b"0" * 400 + b"}]}trailing", True),
-        (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":"x\x01"}]}', False),
-        (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":"\\x"}]}', False),
+        # (not in the last 8 characters, where a token cut in two is refused)
+        (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":"x\x01","b":"more text"}]}', False),
+        (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":"\\x","b":"more text"}]}', False),
         (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":"caf\xe9"}]}', False),
         (HEAD + b'[{"n":1' + b"0" * 400 + b',"a":NaN}]}', False),
         (HEAD + b'[{"n":1' + b"0" * 5000 + b"}]}", False),
@@ -232,20 +233,20 @@ CUT_PAGE = page_body(
 ).replace(b'"BIG"', b"1" + b"0" * 400)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(min_value=0, max_value=len(CUT_PAGE) - 1))
-def test_a_page_cut_anywhere_may_be_retried(cut: int) -> None:
-    """A body cut short at any byte, inside a character of several bytes or after a number
-    beyond a double included, is a text another try may mend, on both decode paths."""
-    body = CUT_PAGE[:cut]
-    with pytest.raises(ProtocolError) as page:
-        read_page_json(body, method="GET", path="/p", status=200, offset=0)
-    with pytest.raises(ProtocolError) as answer:
-        decode_json(body, method="GET", path="/p", status=200)
-    assert (page.value.retryable, answer.value.retryable) == (True, True), (
-        str(page.value),
-        str(answer.value),
-    )
+def test_a_page_cut_anywhere_may_be_retried() -> None:
+    """A body cut short at any byte (every one of them: a random few missed a number cut
+    after its point), inside a character of several bytes or after a number beyond a
+    double included, is a text another try may mend, on both decode paths."""
+    refused = []
+    for cut in range(len(CUT_PAGE)):
+        body = CUT_PAGE[:cut]
+        with pytest.raises(ProtocolError) as page:
+            read_page_json(body, method="GET", path="/p", status=200, offset=0)
+        with pytest.raises(ProtocolError) as answer:
+            decode_json(body, method="GET", path="/p", status=200)
+        if not (page.value.retryable and answer.value.retryable):
+            refused.append((cut, str(page.value)[:120], str(answer.value)[:120]))
+    assert refused == []
 
 
 def test_a_number_beyond_a_double_does_not_let_a_lone_surrogate_through() -> None:

@@ -39,6 +39,9 @@ _BROKEN: Final = (
 )
 _CUT_SHORT: Final = ("Unterminated string", "Extra data")
 """Python's parser's refusals of a text that ends too soon, or goes on after its end."""
+_CUT_TAIL: Final = 8
+"""Characters that may follow where Python's parser stopped in a text cut short: a token
+cut in two (``0.``, ``1e-``, ``nul``, ``\\u12``) is refused where it begins."""
 
 
 def is_broken_text(exc: ValueError, data: bytes | str) -> bool:
@@ -57,7 +60,7 @@ def is_broken_text(exc: ValueError, data: bytes | str) -> bool:
         # integers past its digit limit, control characters and bad escapes are not.
         if not isinstance(exc, json.JSONDecodeError):
             return False
-        return exc.msg.startswith(_CUT_SHORT) or exc.pos >= len(exc.doc.rstrip())
+        return exc.msg.startswith(_CUT_SHORT) or len(exc.doc.rstrip()) - exc.pos <= _CUT_TAIL
     if exc.msg.startswith("str is not valid UTF-8"):
         # orjson says so for a body cut inside a character of several bytes, and for one
         # with bytes that are not UTF-8 within it (a server's bug, the same on every try).
