@@ -307,7 +307,8 @@ async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
     emulator = Emulator(speed=0)
     with EmulatorThread(emulator):
         client = await running_on_a_service_naming_it_only_then(emulator, client_of)
-        assert (await client.targets.rollout.get("t", repo_name="r")).job_id is not None
+        running = (await client.targets.rollout.get("t", repo_name="r")).job_id
+        assert running is not None
         result = await client.export_rollout(
             "t",
             repo_name="r",
@@ -319,6 +320,8 @@ async def test_a_job_that_loses_its_id_when_it_completes_is_the_same_job(
         assert (await client.targets.rollout.get("t", repo_name="r")).job_id is None
         assert (result.rows, result.partial) == (250, True)
         assert batch_to_rows(pq.read_table(tmp_path)) == emulator.trajectories("r", "t", 0, 250)
+        # The export is of the job its status named (its first rows were read as well).
+        assert manifest(tmp_path)["identity"]["job"] == {"job_id": running}
 
 
 async def test_a_rerun_of_a_job_named_only_while_it_runs_is_caught_by_its_first_rows(

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -234,6 +233,11 @@ class Exporter:
         request for the fingerprint of its first rows."""
         if job.job_id is not None and job.is_complete:
             return JobIdentity.of(job.job_id, job.config)
+        return JobIdentity.of(job.job_id, job.config, await self._first_rows(target, lines))
+
+    async def _first_rows(self, target: TargetRef, lines: int) -> list[dict[str, Any]] | None:
+        """The job's first rows (at most :data:`FINGERPRINT_ROWS` of ``lines``), or ``None``
+        for a job without rows."""
         wanted = min(FINGERPRINT_ROWS, lines)
         rows: list[dict[str, Any]] = []
         while len(rows) < wanted:
@@ -247,7 +251,7 @@ class Exporter:
             if not page.output:
                 break  # the reader reports the gap, with the page's details
             rows.extend(page.output[: wanted - len(rows)])
-        return JobIdentity.of(None, job.config, rows if wanted else None)
+        return rows if wanted else None
 
     async def check_job(self, plan: ExportPlan, dest: str, *, final: bool) -> None:
         """Read the job's status again and fail if it is another job now (a re-run), or a
@@ -267,10 +271,10 @@ class Exporter:
             and job.lines is not None
         ):
             # No two ids to compare: the first rows tell a re-run with the same config.
-            rows = min(plan.lines, job.lines)
-            now = await self._identify(target, replace(job, job_id=None), rows)
+            rows = await self._first_rows(target, min(plan.lines, job.lines))
+            now = JobIdentity.of(job.job_id, job.config, rows)
             if now.first_rows != known.first_rows:
-                raise _job_changed(plan, job, replace(now, job_id=job.job_id), dest)
+                raise _job_changed(plan, job, now, dest)
         if (
             final
             and plan.status == JobState.COMPLETE
