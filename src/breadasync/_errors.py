@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from ._models import JobStatus
@@ -367,6 +367,24 @@ def cancel_requests() -> int:
     leaves one too) is not a request to stop this call."""
     task = asyncio.current_task()
     return task.cancelling() if task is not None else 0
+
+
+def reraise(group: BaseExceptionGroup[BaseException], cancels_before: int) -> NoReturn:
+    """Raise what a failed task group means to the caller: a cancellation of the caller
+    (a request since the call began, when it counted ``cancels_before``) stays exactly a
+    cancellation (``asyncio.timeout`` and ``wait_for`` turn it into ``TimeoutError``),
+    never a group of the streams it broke on its way out; otherwise the first
+    :class:`BreadError`."""
+    import anyio  # here: a plain ``import breadasync`` loads this module, and not anyio
+
+    consequences = (asyncio.CancelledError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+    leaves = _leaves(group)
+    cancelled = next((e for e in leaves if isinstance(e, asyncio.CancelledError)), None)
+    if cancel_requests() > cancels_before or (
+        cancelled is not None and all(isinstance(e, consequences) for e in leaves)
+    ):
+        raise cancelled or asyncio.CancelledError()
+    raise first_error(group) from None
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -12,12 +12,11 @@ with are ``_options``'s (re-exported here, where they were first imported from).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pyarrow as pa
@@ -28,7 +27,7 @@ from breadasync._errors import (
     DataIntegrityError,
     UnfinishedJobError,
     cancel_requests,
-    first_error,
+    reraise,
 )
 from breadasync._models import JobState, JobStatus, TargetRef, parse_page
 from breadasync._validation import target_path
@@ -67,7 +66,6 @@ __all__ = [
     "Exporter",
     "in_thread",
     "pages_of",
-    "reraise",
 ]
 
 FORMAT = "breadasync-export"
@@ -101,31 +99,6 @@ def _job_changed(plan: ExportPlan, job: JobStatus, now: JobIdentity, dest: str) 
         "replaces the parts of the earlier one)",
         dest=dest or None,
     )
-
-
-_CONSEQUENCES = (asyncio.CancelledError, anyio.BrokenResourceError, anyio.ClosedResourceError)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
-
-
-def reraise(group: BaseExceptionGroup[BaseException], cancels_before: int) -> NoReturn:
-    """Raise what a failed task group means to the caller: a cancellation of the caller
-    (a request since the call began, when it counted ``cancels_before``) stays exactly a
-    cancellation (``asyncio.timeout`` and ``wait_for`` turn it into ``TimeoutError``),
-    never a group of the streams it broke on its way out; otherwise the first
-    :class:`BreadError`."""
-    leaves = _leaves(group)
-    cancelled = next((e for e in leaves if isinstance(e, asyncio.CancelledError)), None)
-    if cancel_requests() > cancels_before or (
-        cancelled is not None and all(isinstance(e, _CONSEQUENCES) for e in leaves)
-    ):
-        raise cancelled or asyncio.CancelledError()
-    raise first_error(group) from None
 
 
 class _Progress:

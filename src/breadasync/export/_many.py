@@ -10,13 +10,13 @@ from urllib.parse import quote
 
 import anyio
 
-from breadasync._errors import BreadError, cancel_requests
+from breadasync._errors import BreadError, cancel_requests, reraise
 from breadasync._models import TargetLike, TargetRef, normalise_targets
 from breadasync._validation import check_int
 
 from ._commit import refuse_single_export
 from ._dest import DestinationLike, resolve_destination
-from ._exporter import Exporter, in_thread, reraise
+from ._exporter import Exporter, in_thread
 from ._options import ExportResult, ExportResults
 
 

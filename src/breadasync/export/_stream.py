@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from breadasync._errors import cancel_requests, first_error
+from breadasync._errors import cancel_requests, first_error, reraise
 from breadasync._models import TargetRef
 
 if TYPE_CHECKING:
@@ -157,6 +157,4 @@ class BatchStream:
         try:
             await group.__aexit__(None, None, None)
         except BaseExceptionGroup as failed:
-            from ._exporter import reraise
-
             reraise(failed, self._cancels)
