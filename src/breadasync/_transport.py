@@ -176,19 +176,9 @@ class Transport:
             max_rate=limits.max_requests_per_second,
             clock=self._clock,
         )
-        named = {name.lower() for name in default_headers or {}}
-        self._headers = {
-            **{
-                k: v
-                for k, v in {
-                    "User-Agent": f"breadasync/{__version__}",
-                    "Accept": "application/json",
-                }.items()
-                if k.lower() not in named
-            },
-            **(default_headers or {}),
-            "Authorization": f"Bearer {api_key}",
-        }
+        own = {"User-Agent": f"breadasync/{__version__}", "Accept": "application/json"}
+        self._headers = _overlay(own, default_headers or {})
+        self._headers["Authorization"] = f"Bearer {api_key}"
         self._stats = ClientStats(max_concurrency=limits.max_concurrency)
         self._rng = rng or random.Random()
 
@@ -319,16 +309,9 @@ class Transport:
         """
         url, shown = self.url_for(path, params)
         timeouts = timeouts or self.timeouts
-        if headers:
-            # The caller's extras win (as the SDK's do), whatever their case; they may not
-            # name the credentials (see ``Extras``).
-            named = {name.lower() for name in headers}
-            headers = {
-                **{k: v for k, v in self._headers.items() if k.lower() not in named},
-                **headers,
-            }
-        else:
-            headers = dict(self._headers)
+        # The caller's extras win (as the SDK's do); they may not name the credentials
+        # (see ``Extras``).
+        headers = _overlay(self._headers, headers or {})
         if user_id:
             headers["X-User-Id"] = user_id
         data: bytes | None = None
@@ -631,6 +614,12 @@ def decode_json(body: bytes, *, method: str, path: str, status: int) -> Any:
             excerpt=excerpt,
             retryable=broken and method == "GET",
         ) from None
+
+
+def _overlay(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with ``extra`` over it, header names compared whatever their case."""
+    named = {name.lower() for name in extra}
+    return {**{k: v for k, v in base.items() if k.lower() not in named}, **extra}
 
 
 async def _as_is(response: Response) -> Response:
