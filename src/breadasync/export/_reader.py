@@ -245,7 +245,8 @@ class RangeReader:
                     self.requests += 1
                     if limit == 1 or not 200 <= exc.status < 300:
                         raise
-                    self._cap = limit // 2 if self._cap is None else min(self._cap, limit // 2)
+                    # A page asked for before an earlier halving may fail later: never grow.
+                    self._cap = min(self._cap or limit, limit // 2)
                     log.info("GET %s: over the size limit; %d rows a page", self._path, self._cap)
                     continue
                 self.requests += 1
