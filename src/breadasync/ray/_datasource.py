@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -284,9 +284,7 @@ def _skip(segments: tuple[Segment, ...], rows: int) -> tuple[Segment, ...]:
         if rows >= seg.rows:
             rows -= seg.rows
             continue
-        left.append(
-            Segment(seg.target, seg.start + rows, seg.stop, seg.lines, seg.complete, seg.job_id)
-        )
+        left.append(replace(seg, start=seg.start + rows))
         rows = 0
     return tuple(left)
 
